@@ -1,0 +1,1 @@
+"""sidestep's control plane: config, Envoy rendering, process supervision and the CLI."""

@@ -1,0 +1,352 @@
+"""The compiled config: plain, immutable lookups the data path uses.
+
+`compile_config` turns a validated `SidestepConfig` into a `Gateway` once; the ext_proc hot path
+only reads it, and a reload swaps the whole object. Nothing here does I/O or imports grpc.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from controlplane.config.schema import (
+    Backoff,
+    ModelProvider,
+    RetryAfterHandling,
+    RetryPolicy,
+    SidestepConfig,
+    Strategy,
+)
+
+__all__ = [
+    "DEFAULT_RETRIABLE",
+    "Gateway",
+    "ListenerSpec",
+    "Policy",
+    "Rule",
+    "Target",
+    "Upstream",
+    "compile_config",
+    "expand_status_codes",
+    "mask_secret",
+]
+
+# Where well-known providers listen when a config gives no base_url.
+WELL_KNOWN_BASE_URLS: Mapping[str, str] = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "claude": "https://api.anthropic.com",
+    "mistral": "https://api.mistral.ai",
+    "groq": "https://api.groq.com/openai/v1",
+    "deepseek": "https://api.deepseek.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta/openai",
+    "xai": "https://api.x.ai",
+    "together_ai": "https://api.together.xyz",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "moonshotai": "https://api.moonshot.ai",
+}
+ANTHROPIC_INTERFACES = frozenset({"anthropic", "claude"})
+ANTHROPIC_VERSION = "2023-06-01"
+
+# Retried once a policy exists, unless a rule says otherwise: rate limits and server errors.
+DEFAULT_RETRIABLE = frozenset({429, *range(500, 600)})
+
+
+def mask_secret(secret: str) -> str:
+    """A hint that identifies a key without revealing it: `sk-a…f9`."""
+    if len(secret) < 12:
+        return "…" if not secret else f"…{secret[-2:]}" if len(secret) >= 6 else "…"
+    return f"{secret[:4]}…{secret[-2:]}"
+
+
+def expand_status_codes(codes: int | str | list[int | str]) -> list[int]:
+    """`429`, `"500-504"` or a list of both → the codes, in order. Raises ValueError when malformed."""
+    items = codes if isinstance(codes, list) else [codes]
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"{item!r} is not a status code")
+        if isinstance(item, int):
+            lo = hi = item
+        else:
+            match = re.fullmatch(r"\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?", item)
+            if not match:
+                raise ValueError(f"{item!r} is not a status code or a range like '500-504'")
+            lo = int(match.group(1))
+            hi = int(match.group(2) or lo)
+        if not (100 <= lo <= hi <= 599):
+            raise ValueError(f"{item!r}: status codes run from 100 to 599, low to high")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One provider endpoint; targets with the same endpoint share an Envoy cluster."""
+
+    cluster: str
+    host: str
+    port: int
+    tls: bool
+    path_prefix: str  # "" or e.g. "/openai/v1"
+    authority: str  # Host header sent to the provider
+    connect_timeout: float
+
+    def path_for(self, client_path: str) -> str:
+        """Provider path for a client path: a base_url path replaces the client's leading `/v1`."""
+        if not self.path_prefix:
+            return client_path
+        if client_path.startswith("/v1/"):
+            client_path = client_path[3:]
+        return self.path_prefix + client_path
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A failure class: where its retries go and how many it may have."""
+
+    label: str  # "status 429", "timeout", "default" (shown in logs and errors)
+    strategy: Strategy
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The retry policy of a primary target, compiled."""
+
+    candidates: tuple[str, ...]  # failover order after the primary: fallbacks, then config order
+    status_rules: Mapping[int, Rule]  # explicit on_status_codes and the default retriable set
+    timeout_rule: Rule
+    connection_rule: Rule  # resets and refused connections
+    backoff: Backoff | None
+    retry_after: RetryAfterHandling
+    max_retry_duration: float | None  # seconds
+    max_retries: int  # upper bound on retries one request can make under this policy
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One `model_providers` entry: a model at a provider, reachable through one cluster."""
+
+    key: str  # "openai/gpt-4o", as configured
+    provider: str  # "openai"
+    model_id: str  # "gpt-4o": what the provider sees in the body
+    upstream: Upstream
+    anthropic: bool
+    credentials: tuple[tuple[str, str], ...]  # auth headers to send (secret); empty for passthrough
+    passthrough_auth: bool
+    extra_headers: tuple[tuple[str, str], ...]
+    attempt_timeout: float
+    stream_idle_timeout: float
+    key_hint: str  # masked access key, for logs and status
+    policy: Policy | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    name: str
+    address: str
+    port: int
+    timeout: float | None
+    attempt_timeout: float
+    stream_idle_timeout: float
+    max_request_body_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """Everything the data path needs, resolved once."""
+
+    listener: ListenerSpec
+    targets: Mapping[str, Target]  # by key, in config order
+    names: Mapping[str, Target]  # every name a client may request: key, alias, unique bare model id
+    default: Target | None
+    orders: Mapping[str, tuple[Target, ...]]  # failover order after each primary that has a policy
+
+    def order(self, primary: Target) -> tuple[Target, ...]:
+        """Where requests for `primary` fail over to: fallback_models, then the others in config order."""
+        return self.orders.get(primary.key, ())
+
+    def resolve(self, requested: str | None) -> Target | None:
+        """The target serving a requested model; the default target when it is missing or unknown."""
+        if requested is not None:
+            target = self.names.get(requested)
+            if target is not None:
+                return target
+        return self.default
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        seen: dict[str, Upstream] = {}
+        for target in self.targets.values():
+            seen.setdefault(target.upstream.cluster, target.upstream)
+        return list(seen.values())
+
+    @property
+    def max_retries(self) -> int:
+        """The most retries any request may make: Envoy's num_retries must allow it."""
+        return max((t.policy.max_retries for t in self.targets.values() if t.policy), default=0)
+
+
+def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: bool = True) -> Gateway:
+    """Compile a validated config. `local`: `host.docker.internal` means this machine.
+
+    The config must have passed `validate_config` (env vars set, names unique); this step
+    does not re-check.
+    """
+    spec = next(listener for listener in config.listeners if listener.type == "model")
+    listener = ListenerSpec(
+        name=spec.name,
+        address=spec.address,
+        port=spec.port,
+        timeout=spec.timeout,
+        attempt_timeout=spec.attempt_timeout,
+        stream_idle_timeout=spec.stream_idle_timeout,
+        max_request_body_bytes=spec.max_request_body_bytes,
+    )
+    providers = config.providers()
+    upstreams: dict[tuple[str, int, bool, str, str], Upstream] = {}
+    bare: dict[str, Target] = {}
+    targets: dict[str, Target] = {}
+    names: dict[str, Target] = {}
+    for entry in providers:
+        upstream = _upstream(entry, upstreams, local=local)
+        target = _target(entry, upstream, listener, env, policy=None)
+        targets[target.key] = target
+    all_keys = list(targets)
+    for entry in providers:
+        if entry.retry_policy is not None:
+            policy = _policy(entry.model, entry.retry_policy, all_keys, listener)
+            targets[entry.model] = _with_policy(targets[entry.model], policy)
+    ambiguous: set[str] = set()
+    for entry in providers:
+        target = targets[entry.model]
+        names[target.key] = target
+        if entry.name:
+            names.setdefault(entry.name, target)
+        if target.model_id in bare:
+            ambiguous.add(target.model_id)
+        bare.setdefault(target.model_id, target)
+    for model_id, target in bare.items():
+        if model_id not in ambiguous:
+            names.setdefault(model_id, target)
+    default = next((targets[p.model] for p in providers if p.default), None)
+    orders = {t.key: tuple(targets[k] for k in t.policy.candidates) for t in targets.values() if t.policy}
+    return Gateway(listener=listener, targets=targets, names=names, default=default, orders=orders)
+
+
+def _with_policy(target: Target, policy: Policy) -> Target:
+    fields = {name: getattr(target, name) for name in Target.__dataclass_fields__}
+    return Target(**{**fields, "policy": policy})
+
+
+def expand_env(value: str, env: Mapping[str, str]) -> str:
+    """`$VAR` / `${VAR}` → its value. Missing variables must have been reported by validation."""
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), value
+    )
+
+
+def env_references(value: str) -> list[str]:
+    return [a or b for a, b in re.findall(r"\$\{(\w+)\}|\$(\w+)", value)]
+
+
+def provider_base_url(entry: ModelProvider) -> str | None:
+    if entry.base_url:
+        return entry.base_url
+    prefix = entry.model.partition("/")[0]
+    return WELL_KNOWN_BASE_URLS.get(entry.provider_interface or prefix) or WELL_KNOWN_BASE_URLS.get(prefix)
+
+
+def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], Upstream], *, local: bool) -> Upstream:
+    url = urlsplit(provider_base_url(entry) or "")
+    tls = url.scheme == "https"
+    host = url.hostname or ""
+    if local and host == "host.docker.internal":
+        host = "127.0.0.1"
+    port = url.port or (443 if tls else 80)
+    default_port = (tls and port == 443) or (not tls and port == 80)
+    authority = entry.http_host or (host if default_port else f"{host}:{port}")
+    prefix = url.path.rstrip("/")
+    ident = (host, port, tls, prefix, authority)
+    if ident not in seen:
+        slug = re.sub(r"[^a-zA-Z0-9]+", "_", f"{entry.model.partition('/')[0]}_{host}_{port}").strip("_")
+        seen[ident] = Upstream(
+            cluster=f"p{len(seen)}_{slug}", host=host, port=port, tls=tls, path_prefix=prefix,
+            authority=authority, connect_timeout=entry.connect_timeout,
+        )
+    return seen[ident]
+
+
+def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str],
+            policy: Policy | None) -> Target:
+    prefix, _, model_id = entry.model.partition("/")
+    anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
+    key = expand_env(entry.access_key, env) if entry.access_key else ""
+    credentials: tuple[tuple[str, str], ...] = ()
+    if not entry.passthrough_auth and key:
+        credentials = (("x-api-key", key),) if anthropic else (("authorization", f"Bearer {key}"),)
+    extra = {name.lower(): expand_env(value, env) for name, value in entry.headers.items()}
+    if anthropic:
+        extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    return Target(
+        key=entry.model,
+        provider=prefix,
+        model_id=model_id,
+        upstream=upstream,
+        anthropic=anthropic,
+        credentials=credentials,
+        passthrough_auth=entry.passthrough_auth,
+        extra_headers=tuple(extra.items()),
+        attempt_timeout=entry.attempt_timeout if entry.attempt_timeout is not None else listener.attempt_timeout,
+        stream_idle_timeout=(
+            entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout
+        ),
+        key_hint="passthrough" if entry.passthrough_auth else (mask_secret(key) if key else "none"),
+        policy=policy,
+    )
+
+
+def _policy(primary: str, spec: RetryPolicy, all_keys: list[str], listener: ListenerSpec) -> Policy:
+    fallbacks = [m for m in dict.fromkeys(spec.fallback_models) if m in all_keys and m != primary]
+    rest = [k for k in all_keys if k != primary and k not in fallbacks]
+    default = Rule("default", spec.default_strategy, spec.default_max_attempts)
+    status_rules: dict[int, Rule] = {code: default for code in DEFAULT_RETRIABLE}
+    explicit: dict[int, Rule] = {}
+    for rule in spec.on_status_codes:
+        codes = expand_status_codes(rule.codes)
+        compiled = Rule(
+            label=f"status {_codes_label(rule.codes)}",
+            strategy=rule.strategy or spec.default_strategy,
+            max_attempts=rule.max_attempts if rule.max_attempts is not None else spec.default_max_attempts,
+        )
+        for code in codes:
+            explicit.setdefault(code, compiled)  # the first rule listing a code wins
+    status_rules.update(explicit)
+    timeout = spec.on_timeout
+    timeout_rule = Rule(
+        "timeout",
+        (timeout.strategy if timeout and timeout.strategy else spec.default_strategy),
+        (timeout.max_attempts if timeout and timeout.max_attempts is not None else spec.default_max_attempts),
+    )
+    connection_rule = Rule("connection", spec.default_strategy, spec.default_max_attempts)
+    distinct_rules = {id(r): r for r in [*status_rules.values(), timeout_rule, connection_rule]}
+    budget = spec.max_retry_duration_ms / 1000 if spec.max_retry_duration_ms else None
+    if listener.timeout:
+        budget = min(budget, listener.timeout) if budget else listener.timeout
+    return Policy(
+        candidates=tuple(fallbacks + rest),
+        status_rules=status_rules,
+        timeout_rule=timeout_rule,
+        connection_rule=connection_rule,
+        backoff=spec.backoff,
+        retry_after=spec.retry_after_handling,
+        max_retry_duration=budget,
+        max_retries=sum(r.max_attempts for r in distinct_rules.values()),
+    )
+
+
+def _codes_label(codes: int | str | list[int | str]) -> str:
+    return ",".join(str(c) for c in codes) if isinstance(codes, list) else str(codes)

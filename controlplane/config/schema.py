@@ -1,0 +1,253 @@
+"""The config file, as pydantic models: Plano v0.3.0's schema plus what sidestep adds.
+
+Every model forbids unknown keys, so a typo is an error with its field path rather than a
+setting that silently does nothing. Plano sections sidestep does not act on (prompt targets,
+tracing, …) are accepted so Plano files load unchanged, and `lint` warns that they are ignored.
+`sidestep schema` prints the JSON Schema of `SidestepConfig` for editors.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Backoff",
+    "BackoffApplyTo",
+    "BlockApplyTo",
+    "BlockScope",
+    "HighLatency",
+    "Listener",
+    "ModelProvider",
+    "RetryAfterHandling",
+    "RetryPolicy",
+    "SidestepConfig",
+    "StatusCodeRule",
+    "Strategy",
+    "TimeoutRule",
+    "parse_duration",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `30`, `30s`, `500ms`, `2m` or `1h` (a bare number means seconds)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s' or '500ms'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration; use e.g. '30s', '500ms' or '2m'")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; written in the file as `30s`, `500ms`, `2m`, `1h` or a number of seconds."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Strategy(StrEnum):
+    """Which target the next attempt goes to."""
+
+    SAME_MODEL = "same_model"
+    SAME_PROVIDER = "same_provider"
+    DIFFERENT_PROVIDER = "different_provider"
+
+
+class BackoffApplyTo(StrEnum):
+    SAME_MODEL = "same_model"
+    SAME_PROVIDER = "same_provider"
+    GLOBAL = "global"
+
+
+class BlockScope(StrEnum):
+    MODEL = "model"
+    PROVIDER = "provider"
+
+
+class BlockApplyTo(StrEnum):
+    GLOBAL = "global"
+    REQUEST = "request"
+
+
+StatusCodes = int | str | list[int | str]
+
+
+class StatusCodeRule(_Strict):
+    codes: StatusCodes
+    """Status codes this rule covers: `429`, `"500-504"`, or a list of both."""
+    strategy: Strategy | None = None
+    """Where the retry goes; defaults to the policy's `default_strategy`."""
+    max_attempts: Annotated[int, Field(ge=0)] | None = None
+    """Retries after the first attempt for these codes; defaults to `default_max_attempts`."""
+
+
+class TimeoutRule(_Strict):
+    strategy: Strategy | None = None
+    """Where the retry after an attempt timeout goes; defaults to `default_strategy`."""
+    max_attempts: Annotated[int, Field(ge=0)] | None = None
+    """Retries after attempt timeouts; defaults to `default_max_attempts`."""
+
+
+class Backoff(_Strict):
+    apply_to: BackoffApplyTo = BackoffApplyTo.SAME_MODEL
+    """Wait only when the next attempt goes to the same model, the same provider, or always."""
+    base_ms: Annotated[int, Field(ge=1)] = 100
+    """First wait; the n-th retry waits base_ms·2^(n−1), capped at max_ms."""
+    max_ms: Annotated[int, Field(ge=1)] = 5000
+    """Longest single backoff wait."""
+    jitter: bool = True
+    """Multiply each wait by a random factor in [0.5, 1.0) so retries of many requests spread out."""
+
+
+class RetryAfterHandling(_Strict):
+    scope: BlockScope = BlockScope.MODEL
+    """What a Retry-After blocks: the model that sent it, or every model of its provider."""
+    apply_to: BlockApplyTo = BlockApplyTo.GLOBAL
+    """Whether the block holds for all requests or only the request that saw it."""
+    max_retry_after_seconds: Annotated[float, Field(gt=0)] = 300
+    """A longer Retry-After is never waited on: the target is blocked and the request fails over."""
+
+
+class HighLatency(_Strict):
+    threshold_ms: Annotated[int, Field(ge=1)]
+    """A response slower than this counts as a trigger."""
+    measure: Literal["ttfb", "total"] = "ttfb"
+    """Time to first byte, or to the last byte of the response."""
+    min_triggers: Annotated[int, Field(ge=1)] = 1
+    """Slow responses inside the window before the target is blocked."""
+    trigger_window_seconds: Annotated[float, Field(gt=0)] = 60
+    block_duration_seconds: Annotated[float, Field(gt=0)] = 300
+    scope: BlockScope = BlockScope.MODEL
+    apply_to: BlockApplyTo = BlockApplyTo.GLOBAL
+    strategy: Strategy | None = None
+    max_attempts: Annotated[int, Field(ge=0)] | None = None
+
+
+class RetryPolicy(_Strict):
+    """Retries and failover for requests whose requested model is this provider entry."""
+
+    fallback_models: list[str] = []
+    """Models (as configured in `model_providers[].model`) tried first, in this order."""
+    default_strategy: Strategy = Strategy.DIFFERENT_PROVIDER
+    default_max_attempts: Annotated[int, Field(ge=0)] = 2
+    """Retries after the first attempt, per failure class, unless a rule says otherwise."""
+    on_status_codes: list[StatusCodeRule] = []
+    """Per-status rules. Without one: 429 and 5xx are retried, other 4xx pass through."""
+    on_timeout: TimeoutRule | None = None
+    backoff: Backoff | None = None
+    retry_after_handling: RetryAfterHandling = RetryAfterHandling()
+    on_high_latency: HighLatency | None = None
+    max_retry_duration_ms: Annotated[int, Field(ge=1)] | None = None
+    """Upper bound on the time spent on retries and waits; a wait that cannot end inside it is not started."""
+
+
+class ModelProvider(_Strict):
+    model: str
+    """`provider/model-id`, e.g. `openai/gpt-4o`. Clients request it by this name (or by `name`)."""
+    name: str | None = None
+    """Optional alias clients may request instead of `model`."""
+    base_url: str | None = None
+    """Where the provider listens; well-known providers (openai, anthropic, …) have a default."""
+    access_key: str | None = None
+    """The provider's API key: a literal, or `$VAR` / `${VAR}` read from the environment."""
+    default: bool = False
+    """Serve requests whose model is missing or not configured."""
+    provider_interface: str | None = None
+    """The API the provider speaks (`openai`, `claude`, …); defaults from the model prefix."""
+    http_host: str | None = None
+    """Host header sent to the provider; defaults to the base_url host."""
+    headers: dict[str, str] = {}
+    """Extra headers sent with every request to this provider (values may use `$VAR`)."""
+    passthrough_auth: bool = False
+    """Forward the client's own credentials instead of `access_key`."""
+    retry_policy: RetryPolicy | None = None
+    """Without one, the provider's response passes through untouched."""
+    routing_preferences: list[dict[str, Any]] | None = None
+    """Plano's (deprecated) LLM routing hints; accepted and ignored."""
+    attempt_timeout: Duration | None = None
+    """sidestep: time to first response byte for one attempt (defaults to the listener's)."""
+    stream_idle_timeout: Duration | None = None
+    """sidestep: longest pause between two chunks of a response (defaults to the listener's)."""
+    connect_timeout: Duration = 5.0
+    """sidestep: TCP/TLS connect timeout to the provider."""
+
+    @field_validator("model")
+    @classmethod
+    def _provider_slash_model(cls, value: str) -> str:
+        prefix, _, model_id = value.partition("/")
+        if not prefix or not model_id:
+            raise ValueError(f"{value!r} must be 'provider/model-id', e.g. 'openai/gpt-4o'")
+        if "*" in value:
+            raise ValueError("wildcard models are not supported; list each model")
+        return value
+
+
+class Listener(_Strict):
+    name: str = "model_listener"
+    type: Literal["model", "prompt", "agent"] = "model"
+    """sidestep serves `model` listeners; the others are accepted and ignored."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 12000
+    address: str = "127.0.0.1"
+    timeout: Duration | None = None
+    """Plano's listener timeout: the longest a client waits for its response to start, across all
+    attempts and waits. Streams that have started are never cut by it."""
+    attempt_timeout: Duration = 30.0
+    """sidestep: default time to first response byte for one attempt."""
+    stream_idle_timeout: Duration = 300.0
+    """sidestep: default longest pause between two chunks of a response."""
+    max_request_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
+    """sidestep: larger request bodies get 413."""
+    router: str | None = None
+    max_retries: int | None = None
+    agents: list[dict[str, Any]] | None = None
+    input_filters: list[str] | None = None
+    output_filters: list[str] | None = None
+
+
+class SidestepConfig(_Strict):
+    """A sidestep (or Plano v0.3.0) config file."""
+
+    version: str = "v0.3.0"
+    listeners: list[Listener] = [Listener()]
+    model_providers: list[ModelProvider] = []
+    llm_providers: list[ModelProvider] | None = None
+    """Plano's older name for `model_providers`."""
+    # Plano sections sidestep accepts but does not act on (lint warns about each one present).
+    agents: Any = None
+    filters: Any = None
+    endpoints: Any = None
+    model_aliases: Any = None
+    overrides: Any = None
+    system_prompt: Any = None
+    prompt_targets: Any = None
+    ratelimits: Any = None
+    tracing: Any = None
+    mode: Any = None
+    routing: Any = None
+    state_storage: Any = None
+    prompt_guards: Any = None
+    routing_preferences: Any = None
+
+    def providers(self) -> list[ModelProvider]:
+        """model_providers, or Plano's legacy llm_providers."""
+        return self.model_providers or self.llm_providers or []
+
+
+IGNORED_TOP_LEVEL = (
+    "agents", "filters", "endpoints", "model_aliases", "overrides", "system_prompt", "prompt_targets",
+    "ratelimits", "tracing", "mode", "routing", "state_storage", "prompt_guards", "routing_preferences",
+)

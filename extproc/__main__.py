@@ -1,0 +1,5 @@
+import sys
+
+from extproc.server import main
+
+sys.exit(main())

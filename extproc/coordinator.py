@@ -1,0 +1,142 @@
+"""Per-request bookkeeping between Envoy's per-attempt streams and the pure policy.
+
+Envoy opens one ext_proc stream per attempt; the request's history lives here, keyed by the
+`x-request-id` Envoy generated (never a client-chosen id). No grpc in this module: the servicer
+feeds it plain values and turns its answers into protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controlplane.config.runtime import Gateway, Target
+from extproc.body import BadBody, find_model, replace_model
+from extproc.policy.blocks import Blocks
+from extproc.policy.classify import ErrorType, Outcome, classify
+from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
+from extproc.policy.errors import ClientError, exhausted
+from extproc.policy.state import Attempt, RequestState
+
+__all__ = ["AttemptPlan", "Coordinator"]
+
+log = logging.getLogger("sidestep.extproc")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptPlan:
+    """Send this attempt to `target` with `body`, after waiting until `not_before`."""
+
+    state: RequestState
+    target: Target
+    body: bytes
+    not_before: float
+
+
+class Coordinator:
+    """Owns in-flight request state and the worker's global blocks. Usage: see `extproc.servicer`."""
+
+    def __init__(self, gateway: Gateway, *, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 state_ttl: float = 900.0) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.rng = rng or random.Random()
+        self.blocks = Blocks()
+        self.requests: dict[str, RequestState] = {}
+        self.state_ttl = state_ttl
+
+    def begin_attempt(self, request_id: str, envoy_attempt: int, path: str,
+                      credentials: tuple[tuple[str, str], ...], body: bytes) -> AttemptPlan | ClientError:
+        """Called with each attempt's request body: where it goes, or the error that ends the request."""
+        now = self.clock()
+        state = self.requests.get(request_id)
+        if state is None or envoy_attempt <= 1:
+            return self._first_attempt(request_id, path, credentials, body, now)
+        current = state.current
+        if current is not None and current.outcome is None:
+            # Envoy retried on its own (reset of the internal hop): the attempt never answered.
+            decision = self._decide(request_id, state, Outcome(503, ErrorType.CONNECTION), now)
+            if not isinstance(decision, Retry):
+                self.requests.pop(request_id, None)
+                give_up = decision if isinstance(decision, GiveUp) else GiveUp(502, "no_candidates")
+                return exhausted(state, give_up)
+        return self._plan(state, body, now)
+
+    def end_attempt(self, request_id: str, status: int, details: str | None,
+                    retry_after: str | None) -> tuple[RequestState | None, Decision]:
+        """Called with each attempt's response headers: deliver, retry (recorded), or give up."""
+        state = self.requests.get(request_id)
+        if state is None or state.current is None:
+            return None, Deliver()
+        now = self.clock()
+        outcome = classify(status, details, retry_after, self.wall_clock())
+        decision = self._decide(request_id, state, outcome, now)
+        if not isinstance(decision, Retry):
+            del self.requests[request_id]
+        return state, decision
+
+    def sweep(self) -> int:
+        """Forget requests whose client went away mid-way (their last stream was cancelled)."""
+        horizon = self.clock() - self.state_ttl
+        stale = [rid for rid, s in self.requests.items() if max(s.started, s.not_before) < horizon]
+        for rid in stale:
+            del self.requests[rid]
+        return len(stale)
+
+    def _first_attempt(self, request_id: str, path: str, credentials: tuple[tuple[str, str], ...],
+                       body: bytes, now: float) -> AttemptPlan | ClientError:
+        try:
+            field = find_model(body)
+        except BadBody as exc:
+            return ClientError(400, "invalid_request_error", str(exc))
+        primary = self.gateway.resolve(field.value)
+        if primary is None:
+            known = ", ".join(self.gateway.names) or "none"
+            if field.value is None:
+                return ClientError(400, "invalid_request_error",
+                                   f'the request has no "model" and no default model is configured; '
+                                   f"models: {known}")
+            return ClientError(404, "model_not_found",
+                               f"model {field.value!r} is not configured and there is no default model; "
+                               f"models: {known}")
+        first = first_target(primary, self.gateway.order(primary), self.blocks, now)
+        state = RequestState(primary=primary, started=now, client_path=path,
+                             client_credentials=credentials, next_target=primary)
+        if isinstance(first, GiveUp):
+            return exhausted(state, first)
+        state.next_target = first
+        self.requests[request_id] = state
+        return self._plan(state, body, now, field=field)
+
+    def _plan(self, state: RequestState, body: bytes, now: float, field=None) -> AttemptPlan | ClientError:
+        target = state.next_target
+        try:
+            field = field or find_model(body)
+        except BadBody as exc:  # cannot happen for a body that parsed on the first attempt
+            return ClientError(400, "invalid_request_error", str(exc))
+        state.attempts.append(Attempt(target=target, started=max(now, state.not_before)))
+        return AttemptPlan(state, target, replace_model(body, field, target.model_id), state.not_before)
+
+    def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
+        attempt = state.current
+        assert attempt is not None
+        attempt.outcome = outcome
+        decision = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
+                                blocks=self.blocks, rng=self.rng)
+        if isinstance(decision, Retry):
+            attempt.retried_by = decision.rule
+            state.next_target = decision.target
+            state.not_before = now + decision.wait
+            log.info("retry request=%s attempt=%d model=%s outcome=%s status=%d -> model=%s wait=%.3fs rule=%s",
+                     request_id, state.attempt_number, attempt.target.key, outcome.error_type, outcome.status,
+                     decision.target.key, decision.wait, decision.rule)
+        elif isinstance(decision, GiveUp):
+            log.info("give_up request=%s attempts=%d model=%s outcome=%s status=%d reason=%s",
+                     request_id, state.attempt_number, attempt.target.key, outcome.error_type, outcome.status,
+                     decision.reason)
+        return decision

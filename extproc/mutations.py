@@ -1,0 +1,114 @@
+"""Protobuf replies to Envoy, precomputed per target where possible (the hot path only assembles).
+
+Header mutations made by an upstream filter persist into later attempts and into the downstream
+request, so every attempt overwrites every per-provider header (target, host, path, credentials)
+and removes what another target may have set before it.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+from controlplane import internalapi as api
+from controlplane.config.runtime import Gateway, Target
+from extproc.policy.errors import ClientError
+
+__all__ = ["Replies"]
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+
+
+def header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+class Replies:
+    """Every ProcessingResponse the servicer sends, built from the compiled config once."""
+
+    CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+    def __init__(self, gateway: Gateway) -> None:
+        targets = list(gateway.targets.values())
+        extra_names = {name for t in targets for name, _ in t.extra_headers}
+        self._static: dict[str, tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
+        for index, target in enumerate(targets):
+            sets = [header(api.TARGET_HEADER, api.route_id(index)),
+                    header(":authority", target.upstream.authority)]
+            sets += [header(k, v) for k, v in target.extra_headers]
+            removes = sorted(extra_names - {k for k, _ in target.extra_headers})
+            if not target.passthrough_auth:
+                sets += [header(k, v) for k, v in target.credentials]
+                sent = {k for k, _ in target.credentials}
+                removes += [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent]
+            self._static[target.key] = (sets, removes)
+        self._delivered: dict[tuple[str, int], pb.ProcessingResponse] = {}
+        self._retry_marks = {
+            phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
+        }
+
+    def attempt(self, target: Target, path: str, body: bytes,
+                client_credentials: tuple[tuple[str, str], ...]) -> pb.ProcessingResponse:
+        """The request-body reply that sends this attempt to `target` with `body`."""
+        sets, removes = self._static[target.key]
+        mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
+        if target.passthrough_auth:  # restore the client's own credentials, whatever came before
+            sent = {k for k, _ in client_credentials}
+            mutation.set_headers.extend(header(k, v) for k, v in client_credentials)
+            mutation.remove_headers.extend(h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent)
+        mutation.set_headers.append(header(":path", target.upstream.path_for(path)))
+        mutation.set_headers.append(header("content-length", str(len(body))))
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))))
+
+    def delivered(self, target: Target, attempts: int) -> pb.ProcessingResponse:
+        """Response-headers reply for a response the client gets: which model, after how many attempts."""
+        key = (target.key, attempts)
+        reply = self._delivered.get(key)
+        if reply is None:
+            reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(set_headers=[
+                    header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key)]))))
+            if len(self._delivered) < 4096:
+                self._delivered[key] = reply
+        return reply
+
+    def retry(self, phase: str) -> pb.ProcessingResponse:
+        """Mark the attempt for retry (Envoy's route retries on the header) and drop Retry-After,
+        which is ours to honour, not Envoy's."""
+        return self._retry_marks[phase]
+
+    @staticmethod
+    def buffer_response_body() -> pb.ProcessingResponse:
+        """Hold the failed attempt's response until its body is read, then mark the retry in the body
+        reply: marking at headers makes the router reset the provider connection mid-body."""
+        reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        reply.mode_override.response_body_mode = _BUFFERED
+        return reply
+
+    @staticmethod
+    def error(error: ClientError, attempts: int) -> pb.ProcessingResponse:
+        """A final JSON error; from an upstream filter it is never retried."""
+        sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts))]
+        if error.retry_after is not None:
+            sets.append(header("retry-after", str(error.retry_after)))
+        return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=error.status),  # type: ignore[arg-type]
+            headers=pb.HeaderMutation(set_headers=sets),
+            body=error.body(),
+            details=f"sidestep_{error.type}",
+        ))
+
+    @staticmethod
+    def _retry_mark(phase: str) -> pb.ProcessingResponse:
+        mutation = pb.HeaderMutation(set_headers=[header(api.RETRY_HEADER, "1")], remove_headers=["retry-after"])
+        common = pb.CommonResponse(header_mutation=mutation)
+        if phase == "response_headers":
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))

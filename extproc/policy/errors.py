@@ -1,0 +1,58 @@
+"""The JSON errors clients see, in the OpenAI error shape: `{"error": {"type", "message", …}}`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.policy.decide import GiveUp
+from extproc.policy.state import RequestState
+
+__all__ = ["ClientError", "exhausted"]
+
+_REASONS = {
+    "max_attempts": "the retry policy allows no more attempts for this failure",
+    "no_candidates": "no other configured model is left to try",
+    "budget": "the retry time budget would be exceeded",
+    "all_blocked": "every configured model is blocked by Retry-After",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientError:
+    status: int
+    type: str
+    message: str
+    retry_after: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> bytes:
+        error = {"type": self.type, "message": self.message, **self.details}
+        return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def exhausted(state: RequestState, give_up: GiveUp) -> ClientError:
+    """The error for a request that gave up: what was tried, and why it stopped."""
+    attempts = [
+        {
+            "attempt": n,
+            "model": a.target.key,
+            "error_type": str(a.outcome.error_type) if a.outcome and a.outcome.error_type else "unknown",
+            "status": a.outcome.status if a.outcome else None,
+        }
+        for n, a in enumerate(state.attempts, start=1)
+    ]
+    why = _REASONS.get(give_up.reason, give_up.reason)
+    if attempts:
+        last = attempts[-1]
+        message = (f"All {len(attempts)} attempt(s) failed; the last, to {last['model']}, "
+                   f"ended with {last['error_type']} ({last['status']}). Gave up: {why}.")
+    else:
+        message = f"No attempt was made: {why}."
+    if give_up.retry_after is not None:
+        message += f" Retry after {give_up.retry_after}s."
+    details: dict[str, Any] = {"code": give_up.reason, "attempts": attempts, "total_attempts": len(attempts)}
+    if give_up.retry_after is not None:
+        details["retry_after"] = give_up.retry_after
+    return ClientError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)

@@ -1,0 +1,85 @@
+"""Build and run the ext_proc gRPC server. Usage: `python -m extproc --config FILE --port N`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from controlplane.config import Gateway, load_config
+from controlplane.errors import ConfigError
+from extproc.coordinator import Coordinator
+from extproc.servicer import ExtProcServicer
+
+__all__ = ["create_server", "main"]
+
+log = logging.getLogger("sidestep.extproc")
+
+
+def create_server(gateway: Gateway, address: str) -> tuple[aio.Server, Coordinator]:
+    """An unstarted server bound to `address`, serving ext_proc and gRPC health (SERVING)."""
+    # the whole request body travels in one message: allow the listener's limit plus framing
+    limit = gateway.listener.max_request_body_bytes + (1 << 20)
+    server = aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_concurrent_streams", 100_000),
+        ("grpc.so_reuseport", 0),
+    ])
+    coordinator = Coordinator(gateway)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(address)
+    server.health = health_servicer  # type: ignore[attr-defined]
+    return server, coordinator
+
+
+async def serve(gateway: Gateway, address: str) -> None:
+    server, coordinator = create_server(gateway, address)
+    await server.start()
+    await server.health.set("", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]
+    log.info("ext_proc serving on %s (%d models)", address, len(gateway.targets))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(30)
+            coordinator.sweep()
+
+    sweeper = asyncio.create_task(sweep())
+    await stop.wait()
+    sweeper.cancel()
+    await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
+    await server.stop(grace=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
+    parser.add_argument("--config", required=True, help="sidestep config file")
+    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        gateway = load_config(args.config).gateway
+    except ConfigError as exc:
+        print(f"sidestep ext_proc: invalid config {args.config}:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(gateway, f"127.0.0.1:{args.port}"))
+    else:
+        uvloop.run(serve(gateway, f"127.0.0.1:{args.port}"))
+    return 0

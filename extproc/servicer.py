@@ -1,0 +1,124 @@
+"""The gRPC ExternalProcessor: reads Envoy's messages for one attempt, asks the Coordinator, replies.
+
+Per attempt Envoy sends: request headers (we continue; the target is set with the body reply,
+which Envoy applies before the attempt leaves), the buffered request body (choose the target,
+wait if the policy says so, rewrite the model), response headers (deliver, retry, or give up)
+and, only when we asked for it to mark a retry, the response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc import aio
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from controlplane import internalapi as api
+from extproc.coordinator import AttemptPlan, Coordinator
+from extproc.mutations import Replies
+from extproc.policy.decide import Deliver, GiveUp, Retry
+from extproc.policy.errors import ClientError, exhausted
+
+__all__ = ["ExtProcServicer"]
+
+log = logging.getLogger("sidestep.extproc")
+_CREDENTIALS = frozenset(api.CLIENT_CREDENTIAL_HEADERS)
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.replies = Replies(coordinator.gateway)
+
+    async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
+        try:
+            await self._attempt(context)
+        except asyncio.CancelledError:
+            raise  # Envoy cancels a retried attempt's stream, and the whole stream when the client leaves
+        except Exception:
+            log.exception("ext_proc stream failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "sidestep ext_proc internal error")
+
+    async def _attempt(self, context: aio.ServicerContext) -> None:
+        message = await context.read()
+        if message is aio.EOF or not message.HasField("request_headers"):
+            return
+        request_id, envoy_attempt, path, credentials = _scan_request(message.request_headers)
+        if message.request_headers.end_of_stream:
+            error = ClientError(400, "invalid_request_error", "a JSON request body is required")
+            await context.write(self.replies.error(error, 0))
+            return
+        await context.write(Replies.CONTINUE_HEADERS)
+
+        message = await context.read()
+        if message is aio.EOF or not message.HasField("request_body"):
+            return
+        plan = self.coordinator.begin_attempt(request_id, envoy_attempt, path, credentials,
+                                              message.request_body.body)
+        if isinstance(plan, ClientError):
+            await context.write(self.replies.error(plan, envoy_attempt - 1))
+            return
+        delay = plan.not_before - self.coordinator.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)  # before replying: the attempt's timeout has not started yet
+        await context.write(self.replies.attempt(plan.target, plan.state.client_path, plan.body,
+                                                 plan.state.client_credentials))
+
+        message = await context.read()
+        if message is aio.EOF or not message.HasField("response_headers"):
+            return
+        await self._respond(context, request_id, plan, message.response_headers)
+
+    async def _respond(self, context: aio.ServicerContext, request_id: str, plan: AttemptPlan,
+                       headers: pb.HttpHeaders) -> None:
+        status, details, retry_after = _scan_response(headers)
+        state, decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
+        attempts = plan.state.attempt_number
+        if isinstance(decision, Deliver):
+            await context.write(self.replies.delivered(plan.target, attempts))
+        elif isinstance(decision, GiveUp):
+            assert state is not None
+            await context.write(self.replies.error(exhausted(state, decision), attempts))
+        elif isinstance(decision, Retry):
+            if headers.end_of_stream:
+                await context.write(self.replies.retry("response_headers"))
+                return
+            await context.write(Replies.buffer_response_body())
+            message = await context.read()
+            if message is not aio.EOF and message.HasField("response_body"):
+                await context.write(self.replies.retry("response_body"))
+
+
+def _scan_request(headers: pb.HttpHeaders) -> tuple[str, int, str, tuple[tuple[str, str], ...]]:
+    request_id = ""
+    attempt = 1
+    path = "/"
+    credentials: list[tuple[str, str]] = []
+    for h in headers.headers.headers:
+        key = h.key
+        if key == ":path":
+            path = h.raw_value.decode()
+        elif key == api.REQUEST_ID_HEADER:
+            request_id = h.raw_value.decode()
+        elif key == api.ATTEMPT_COUNT_HEADER:
+            attempt = int(h.raw_value or b"1")
+        elif key in _CREDENTIALS:
+            credentials.append((key, h.raw_value.decode()))
+    return request_id, attempt, path, tuple(credentials)
+
+
+def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None]:
+    status = 0
+    details = retry_after = None
+    for h in headers.headers.headers:
+        key = h.key
+        if key == ":status":
+            status = int(h.raw_value)
+        elif key == api.UPSTREAM_DETAILS_HEADER:
+            details = h.raw_value.decode()
+        elif key == "retry-after":
+            retry_after = h.raw_value.decode()
+    return status, details, retry_after
