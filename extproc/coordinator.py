@@ -60,7 +60,7 @@ class Coordinator:
         current = state.current
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.
-            decision = self._decide(request_id, state, Outcome(503, ErrorType.CONNECTION), now)
+            decision = self._decide(request_id, state, Outcome(502, ErrorType.CONNECTION), now)
             if not isinstance(decision, Retry):
                 self.requests.pop(request_id, None)
                 give_up = decision if isinstance(decision, GiveUp) else GiveUp(502, "no_candidates")

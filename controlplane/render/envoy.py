@@ -176,7 +176,8 @@ def _outer_local_replies(body_limit: int) -> dict[str, Any]:
     return {
         "body_format": LOCAL_REPLY_FORMAT,
         "mappers": [
-            {"filter": _cel("response.code_details.startsWith('sidestep_')"),
+            {"filter": _cel("response.code_details.startsWith('sidestep_') "
+                            "|| response.code_details == 'direct_response'"),
              "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"}},
             # the ext_proc is down or restarting (failure_mode_allow is off: never route blind)
             {"filter": _cel("response.code_details.startsWith('ext_proc_error')"),

@@ -21,22 +21,13 @@ class ErrorType(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: int  # as the client would see it
+    status: int  # the provider's, or 504 (attempt timeout) / 502 (provider unreachable)
     error_type: ErrorType | None  # None: the attempt succeeded
     retry_after: float | None = None  # seconds, when the provider sent Retry-After
 
     @property
     def ok(self) -> bool:
         return self.error_type is None
-
-    @property
-    def final_status(self) -> int:
-        """Status to report when a request gives up on this outcome."""
-        if self.error_type is ErrorType.TIMEOUT:
-            return 504
-        if self.error_type is ErrorType.CONNECTION:
-            return 502
-        return self.status
 
 
 def classify(status: int, details: str | None, retry_after: str | None, wall_now: float) -> Outcome:
@@ -45,8 +36,8 @@ def classify(status: int, details: str | None, retry_after: str | None, wall_now
     connection failed. Only a provider's own answer can be a success or carry Retry-After."""
     if details is not None and details != "via_upstream":
         if details == "upstream_per_try_timeout":
-            return Outcome(status, ErrorType.TIMEOUT)
-        return Outcome(status, ErrorType.CONNECTION)
+            return Outcome(504, ErrorType.TIMEOUT)
+        return Outcome(502, ErrorType.CONNECTION)
     if status < 400:
         return Outcome(status, None)
     wait = parse_retry_after(retry_after, wall_now) if retry_after else None

