@@ -32,6 +32,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self.replies = Replies(coordinator.gateway)
+        self.body_limit = coordinator.gateway.listener.max_request_body_bytes
+
+    def _too_large(self) -> ClientError:
+        return ClientError(413, "request_too_large",
+                           f"the request body exceeds this listener's limit of {self.body_limit} bytes "
+                           f"(listeners[].max_request_body_bytes)")
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
         try:
@@ -46,15 +52,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         message = await context.read()
         if message is aio.EOF or not message.HasField("request_headers"):
             return
-        request_id, envoy_attempt, path, credentials = _scan_request(message.request_headers)
+        request_id, envoy_attempt, path, credentials, length = _scan_request(message.request_headers)
         if message.request_headers.end_of_stream:
             error = ClientError(400, "invalid_request_error", "a JSON request body is required")
             await context.write(self.replies.error(error, 0))
+            return
+        if length > self.body_limit:  # refuse before Envoy buffers it all
+            await context.write(self.replies.error(self._too_large(), 0))
             return
         await context.write(Replies.CONTINUE_HEADERS)
 
         message = await context.read()
         if message is aio.EOF or not message.HasField("request_body"):
+            return
+        if len(message.request_body.body) > self.body_limit:  # chunked: no content-length to check
+            await context.write(self.replies.error(self._too_large(), 0))
             return
         plan = self.coordinator.begin_attempt(request_id, envoy_attempt, path, credentials,
                                               message.request_body.body)
@@ -92,10 +104,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 await context.write(self.replies.retry("response_body"))
 
 
-def _scan_request(headers: pb.HttpHeaders) -> tuple[str, int, str, tuple[tuple[str, str], ...]]:
+def _scan_request(headers: pb.HttpHeaders) -> tuple[str, int, str, tuple[tuple[str, str], ...], int]:
     request_id = ""
     attempt = 1
     path = "/"
+    length = 0
     credentials: list[tuple[str, str]] = []
     for h in headers.headers.headers:
         key = h.key
@@ -105,9 +118,11 @@ def _scan_request(headers: pb.HttpHeaders) -> tuple[str, int, str, tuple[tuple[s
             request_id = h.raw_value.decode()
         elif key == api.ATTEMPT_COUNT_HEADER:
             attempt = int(h.raw_value or b"1")
+        elif key == "content-length":
+            length = int(h.raw_value or b"0")
         elif key in _CREDENTIALS:
             credentials.append((key, h.raw_value.decode()))
-    return request_id, attempt, path, tuple(credentials)
+    return request_id, attempt, path, tuple(credentials), length
 
 
 def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None]:

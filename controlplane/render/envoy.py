@@ -75,7 +75,7 @@ def render_envoy(gateway: Gateway, ports: Ports, log_dir: str) -> dict[str, Any]
             "typed_config": {"@type": T + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }],
         "static_resources": {
-            "listeners": [_outer_listener(gateway, log_dir), _dispatch_listener(targets)],
+            "listeners": [_outer_listener(gateway, log_dir), _dispatch_listener(targets, gateway.listener.max_request_body_bytes)],
             "clusters": [
                 _attempts_cluster(message_timeout),
                 _extproc_cluster(ports.extproc),
@@ -149,7 +149,7 @@ def _outer_listener(gateway: Gateway, log_dir: str) -> dict[str, Any]:
         "use_remote_address": True,  # Envoy generates x-request-id: request state is keyed by it
         "stream_idle_timeout": _dur(spec.stream_idle_timeout),
         "request_timeout": "0s",
-        "local_reply_config": _outer_local_replies(spec.max_request_body_bytes),
+        "local_reply_config": _local_replies(spec.max_request_body_bytes),
         "access_log": [_file_log(os.path.join(log_dir, "access.log"))],
         "route_config": {"name": "sidestep", "virtual_hosts": [virtual_host]},
         "http_filters": [
@@ -171,14 +171,15 @@ def _outer_listener(gateway: Gateway, log_dir: str) -> dict[str, Any]:
     }
 
 
-def _outer_local_replies(body_limit: int) -> dict[str, Any]:
+def _local_replies(body_limit: int) -> dict[str, Any]:
     """Envoy's own errors become JSON; the ext_proc's errors (already JSON) pass through unchanged."""
     return {
         "body_format": LOCAL_REPLY_FORMAT,
         "mappers": [
             {"filter": _cel("response.code_details.startsWith('sidestep_') "
                             "|| response.code_details == 'direct_response'"),
-             "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"}},
+             "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                      "content_type": "application/json"}},
             # the ext_proc is down or restarting (failure_mode_allow is off: never route blind)
             {"filter": _cel("response.code_details.startsWith('ext_proc_error')"),
              "status_code": 503,
@@ -204,7 +205,7 @@ def _cel(expression: str) -> dict[str, Any]:
         "expression": expression}}}
 
 
-def _dispatch_listener(targets: list[Target]) -> dict[str, Any]:
+def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             "match": {"prefix": "/", "headers": [{"name": api.TARGET_HEADER,
@@ -232,7 +233,7 @@ def _dispatch_listener(targets: list[Target]) -> dict[str, Any]:
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "dispatch",
-        "local_reply_config": {"body_format": LOCAL_REPLY_FORMAT},
+        "local_reply_config": _local_replies(body_limit),
         "internal_address_config": {"cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]},
         "route_config": {"name": "dispatch", "virtual_hosts": [{
             "name": "dispatch",

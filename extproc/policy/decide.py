@@ -39,7 +39,7 @@ class Deliver:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     status: int
-    reason: str  # "max_attempts" | "no_candidates" | "budget" | "all_blocked"
+    reason: str  # "max_attempts" | "no_candidates" | "budget" | "all_blocked" | "no_retry_policy"
     retry_after: int | None = None  # seconds, for a 429
 
 
@@ -72,8 +72,12 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
     """
     policy = state.primary.policy
     attempt = state.current
-    if outcome.ok or policy is None or attempt is None:
+    if outcome.ok or attempt is None:
         return DELIVER
+    if policy is None:
+        # no provider answer to pass through: say what happened instead of Envoy's text
+        unanswered = outcome.error_type in (ErrorType.TIMEOUT, ErrorType.CONNECTION)
+        return GiveUp(outcome.status, "no_retry_policy") if unanswered else DELIVER
     rule = _rule_for(policy, outcome)
     if rule is None:
         return DELIVER

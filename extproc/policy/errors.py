@@ -16,6 +16,7 @@ _REASONS = {
     "no_candidates": "no other configured model is left to try",
     "budget": "the retry time budget would be exceeded",
     "all_blocked": "every configured model is blocked by Retry-After",
+    "no_retry_policy": "this model has no retry_policy",
 }
 
 
