@@ -83,7 +83,8 @@ class Supervisor:
             Child("extproc", [python, "-m", "extproc", "--config", str(rundir.config),
                               "--port", str(extproc_port)], rundir.log("extproc")),
             Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",
-                            "--concurrency", str(envoy_concurrency), "-l", "warning"], rundir.log("envoy")),
+                            "--concurrency", str(envoy_concurrency), "-l", "warning",
+                            "--file-flush-interval-msec", "1000"], rundir.log("envoy")),
         ]
 
     def run(self) -> int:

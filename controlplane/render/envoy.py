@@ -362,11 +362,15 @@ def _router() -> dict[str, Any]:
 
 
 def _file_log(path: str) -> dict[str, Any]:
-    return {"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": path,
-        "log_format": {"json_format": ACCESS_LOG_FORMAT},
-    }}
+    return {
+        "name": "envoy.access_loggers.file",
+        "filter": {"not_health_check_filter": {}},
+        "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": ACCESS_LOG_FORMAT},
+        },
+    }
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:
