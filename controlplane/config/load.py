@@ -120,7 +120,8 @@ def _semantic_issues(config: SidestepConfig, env: Mapping[str, str]) -> list[Con
     names: dict[str, int] = {}
     defaults = [i for i, p in enumerate(providers) if p.default]
     if len(defaults) > 1:
-        issues.append(ConfigIssue(f"{section}[{defaults[1]}].default",
+        second = defaults[1]
+        issues.append(ConfigIssue(f"{section}[{second}] ({providers[second].model}).default",
                                   f"only one provider can be the default ({section}[{defaults[0]}] already is)"))
     for i, entry in enumerate(providers):
         here = f"{section}[{i}] ({entry.model})"

@@ -41,8 +41,8 @@ class RequestState:
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 
-    def tried(self) -> set[str]:
-        return {a.target.key for a in self.attempts}
+    def tried(self) -> list[Target]:
+        return [a.target for a in self.attempts]
 
     def retries_for(self, rule_label: str) -> int:
         return sum(1 for a in self.attempts if a.retried_by == rule_label)
