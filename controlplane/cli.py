@@ -108,7 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = StackInfo(
         config_source=str(source), listener_url=f"http://{host}:{listener.port}", admin_port=ports.admin,
         extproc_port=ports.extproc, config_hash=bootstrap["node"]["metadata"]["config_hash"],
-        models=list(loaded.gateway.targets), envoy_concurrency=int(os.environ.get("SIDESTEP_ENVOY_CONCURRENCY", "2")),
+        models=list(loaded.gateway.targets), envoy_concurrency=_envoy_concurrency(),
     )
     rundir.write_stack(stack)
     for name in LOG_NAMES:
@@ -231,6 +231,15 @@ def _read_config(path: str | None) -> tuple[str, str]:
         except OSError as exc:
             raise ConfigError([ConfigIssue("", f"cannot read {candidates[0]}: {exc.strerror}")]) from None
     return "built-in defaults", (resources.files("controlplane") / "defaults" / "sidestep.yaml").read_text()
+
+
+def _envoy_concurrency() -> int:
+    """Envoy worker threads: the cores the ext_proc does not need. On a 2-core machine two Envoy
+    workers fighting the Python ext_proc for CPU halved throughput (benchmarks/bench.py)."""
+    configured = os.environ.get("SIDESTEP_ENVOY_CONCURRENCY")
+    if configured:
+        return max(1, int(configured))
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _print_warnings(loaded: LoadedConfig) -> None:
