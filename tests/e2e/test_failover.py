@@ -304,3 +304,28 @@ def test_concurrent_failovers_all_succeed(stack: Stack, providers) -> None:
     assert [r.status_code for r in responses] == [200] * 64
     assert {r.headers["x-sidestep-model"] for r in responses} == {"b/fallback"}
     assert len(providers["a"].requests) == 64 and len(providers["b"].requests) == 64
+
+
+def test_client_disconnect_during_a_wait_stops_the_request(stack: Stack, providers) -> None:
+    providers["a"].script(Reply(429, retry_after="2"), Reply(200))
+    with pytest.raises(httpx.TimeoutException):
+        stack.chat({"model": "a/retry-after", "messages": []}, timeout=0.5)
+    time.sleep(2.5)
+    assert len(providers["a"].requests) == 1  # the planned retry never went out
+
+
+def test_request_state_is_keyed_by_envoys_id_not_the_clients(stack: Stack, providers) -> None:
+    providers["a"].script(Reply(429), Reply(200))
+    import concurrent.futures
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client() as client:
+            return client.post(stack.url + "/v1/chat/completions", headers={"x-request-id": "same-for-all"},
+                               content=json.dumps({"model": "a/primary", "messages": []}), timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.headers["x-sidestep-attempts"] for r in responses} <= {"1", "2"}
+    ids = {seen.headers["x-request-id"] for p in "ab" for seen in providers[p].requests}
+    assert "same-for-all" not in ids and len(ids) == 8
