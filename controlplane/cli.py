@@ -102,6 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     rundir.ensure()
     ports = Ports(admin=free_port(), extproc=free_port())
     rundir.config.write_text(text)  # the stack runs this copy; editing the file needs another `up`
+    rundir.config.chmod(0o600)  # it may hold literal keys
     bootstrap = render_envoy(loaded.gateway, ports, str(rundir.logs))
     rundir.envoy_config.write_text(json.dumps(bootstrap, indent=1))
     host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
@@ -292,7 +293,7 @@ def _stop(rundir: RunDir, timeout: float = 15.0) -> None:
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     if pid_alive(pid):
-        os.killpg(pid, signal.SIGKILL)  # the supervisor leads its own session: take everything down
+        os.kill(pid, signal.SIGKILL)  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
     rundir.pid_file.unlink(missing_ok=True)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.config.runtime import Gateway, Target
-from extproc.body import BadBody, find_model, replace_model
+from extproc.body import BadBody, ModelField, find_model, replace_model
 from extproc.policy.blocks import Blocks
 from extproc.policy.classify import ErrorType, Outcome, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
@@ -61,10 +61,9 @@ class Coordinator:
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.
             decision = self._decide(request_id, state, Outcome(502, ErrorType.CONNECTION), now)
-            if not isinstance(decision, Retry):
+            if isinstance(decision, GiveUp):  # a connection failure is never simply delivered
                 self.requests.pop(request_id, None)
-                give_up = decision if isinstance(decision, GiveUp) else GiveUp(502, "no_candidates")
-                return exhausted(state, give_up)
+                return exhausted(state, decision)
         return self._plan(state, body, now)
 
     def end_attempt(self, request_id: str, status: int, details: str | None,
@@ -113,7 +112,8 @@ class Coordinator:
         self.requests[request_id] = state
         return self._plan(state, body, now, field=field)
 
-    def _plan(self, state: RequestState, body: bytes, now: float, field=None) -> AttemptPlan | ClientError:
+    def _plan(self, state: RequestState, body: bytes, now: float,
+              field: ModelField | None = None) -> AttemptPlan | ClientError:
         target = state.next_target
         try:
             field = field or find_model(body)

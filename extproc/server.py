@@ -7,23 +7,31 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from controlplane.config import Gateway, load_config
 from controlplane.errors import ConfigError
 from extproc.coordinator import Coordinator
 from extproc.servicer import ExtProcServicer
 
-__all__ = ["create_server", "main"]
+__all__ = ["Worker", "create_server", "main"]
 
 log = logging.getLogger("sidestep.extproc")
 
 
-def create_server(gateway: Gateway, address: str) -> tuple[aio.Server, Coordinator]:
-    """An unstarted server bound to `address`, serving ext_proc and gRPC health (SERVING)."""
+@dataclass(frozen=True)
+class Worker:
+    server: aio.Server
+    coordinator: Coordinator
+    health: health.aio.HealthServicer
+
+
+def create_server(gateway: Gateway, address: str) -> Worker:
+    """An unstarted server bound to `address`, serving ext_proc and gRPC health."""
     # the whole request body travels in one message: allow the listener's limit plus framing
     limit = gateway.listener.max_request_body_bytes + (1 << 20)
     server = aio.server(options=[
@@ -37,14 +45,13 @@ def create_server(gateway: Gateway, address: str) -> tuple[aio.Server, Coordinat
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(address)
-    server.health = health_servicer  # type: ignore[attr-defined]
-    return server, coordinator
+    return Worker(server, coordinator, health_servicer)
 
 
 async def serve(gateway: Gateway, address: str) -> None:
-    server, coordinator = create_server(gateway, address)
-    await server.start()
-    await server.health.set("", health_pb2.HealthCheckResponse.SERVING)  # type: ignore[attr-defined]
+    worker = create_server(gateway, address)
+    await worker.server.start()
+    await worker.health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("ext_proc serving on %s (%d models)", address, len(gateway.targets))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,13 +61,13 @@ async def serve(gateway: Gateway, address: str) -> None:
     async def sweep() -> None:
         while True:
             await asyncio.sleep(30)
-            coordinator.sweep()
+            worker.coordinator.sweep()
 
     sweeper = asyncio.create_task(sweep())
     await stop.wait()
     sweeper.cancel()
-    await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
-    await server.stop(grace=2)
+    await worker.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await worker.server.stop(grace=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,9 @@ import asyncio
 import logging
 
 import grpc
-from grpc import aio
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc import aio
 
 from controlplane import internalapi as api
 from extproc.coordinator import AttemptPlan, Coordinator

@@ -12,8 +12,8 @@ socket without answering).
 from __future__ import annotations
 
 import json
-import socket
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field

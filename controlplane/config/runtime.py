@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from controlplane.config.schema import (
@@ -213,13 +213,13 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     names: dict[str, Target] = {}
     for entry in providers:
         upstream = _upstream(entry, upstreams, local=local)
-        target = _target(entry, upstream, listener, env, policy=None)
+        target = _target(entry, upstream, listener, env)
         targets[target.key] = target
     all_keys = list(targets)
     for entry in providers:
         if entry.retry_policy is not None:
             policy = _policy(entry.model, entry.retry_policy, all_keys, listener)
-            targets[entry.model] = _with_policy(targets[entry.model], policy)
+            targets[entry.model] = replace(targets[entry.model], policy=policy)
     ambiguous: set[str] = set()
     for entry in providers:
         target = targets[entry.model]
@@ -235,11 +235,6 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     default = next((targets[p.model] for p in providers if p.default), None)
     orders = {t.key: tuple(targets[k] for k in t.policy.candidates) for t in targets.values() if t.policy}
     return Gateway(listener=listener, targets=targets, names=names, default=default, orders=orders)
-
-
-def _with_policy(target: Target, policy: Policy) -> Target:
-    fields = {name: getattr(target, name) for name in Target.__dataclass_fields__}
-    return Target(**{**fields, "policy": policy})
 
 
 def expand_env(value: str, env: Mapping[str, str]) -> str:
@@ -280,8 +275,7 @@ def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], 
     return seen[ident]
 
 
-def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str],
-            policy: Policy | None) -> Target:
+def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str]) -> Target:
     prefix, _, model_id = entry.model.partition("/")
     anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
     key = expand_env(entry.access_key, env) if entry.access_key else ""
@@ -305,7 +299,6 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
             entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout
         ),
         key_hint="passthrough" if entry.passthrough_auth else (mask_secret(key) if key else "none"),
-        policy=policy,
     )
 
 

@@ -63,8 +63,13 @@ class Ports:
     extproc: int
 
 
-def render_envoy(gateway: Gateway, ports: Ports, log_dir: str) -> dict[str, Any]:
-    """The Envoy bootstrap as a dict (write it as JSON). Usage: `render_envoy(gw, Ports(9901, 9902), "logs")`."""
+def render_envoy(gateway: Gateway, ports: Ports, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap as a dict (write it as JSON). Usage: `render_envoy(gw, Ports(9901, 9902), "logs")`.
+
+    `ca_bundle`: trusted CAs for https providers; by default the system bundle when it exists.
+    """
+    if ca_bundle is None and os.path.exists(CA_BUNDLE):
+        ca_bundle = CA_BUNDLE
     targets = list(gateway.targets.values())
     message_timeout = _longest_wait(gateway) + 10.0
     bootstrap: dict[str, Any] = {
@@ -79,7 +84,7 @@ def render_envoy(gateway: Gateway, ports: Ports, log_dir: str) -> dict[str, Any]
             "clusters": [
                 _attempts_cluster(message_timeout),
                 _extproc_cluster(ports.extproc),
-                *(_provider_cluster(u) for u in gateway.upstreams),
+                *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
             ],
         },
     }
@@ -321,7 +326,7 @@ def _extproc_cluster(port: int) -> dict[str, Any]:
     }
 
 
-def _provider_cluster(upstream: Upstream) -> dict[str, Any]:
+def _provider_cluster(upstream: Upstream, ca_bundle: str | None) -> dict[str, Any]:
     is_ip = all(part.isdigit() for part in upstream.host.split(".")) or ":" in upstream.host
     cluster: dict[str, Any] = {
         "name": upstream.cluster,
@@ -336,9 +341,9 @@ def _provider_cluster(upstream: Upstream) -> dict[str, Any]:
         cluster["wait_for_warm_on_init"] = False  # start without DNS (offline, or a provider down)
     if upstream.tls:
         tls: dict[str, Any] = {"sni": upstream.host, "common_tls_context": {"alpn_protocols": ["h2", "http/1.1"]}}
-        if os.path.exists(CA_BUNDLE):
+        if ca_bundle:
             tls["common_tls_context"]["validation_context"] = {
-                "trusted_ca": {"filename": CA_BUNDLE},
+                "trusted_ca": {"filename": ca_bundle},
                 "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": upstream.host}}],
             }
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {

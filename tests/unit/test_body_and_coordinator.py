@@ -10,7 +10,6 @@ from extproc.coordinator import AttemptPlan, Coordinator
 from extproc.policy.decide import Deliver, GiveUp, Retry
 from extproc.policy.errors import ClientError
 
-
 # ---- body
 
 

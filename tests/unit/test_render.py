@@ -28,7 +28,8 @@ model_providers:
 
 
 def rendered(log_dir: str = "/var/log/sidestep") -> dict:
-    return render_envoy(parse_config(CONFIG, {}).gateway, Ports(admin=9901, extproc=9902), log_dir)
+    return render_envoy(parse_config(CONFIG, {}).gateway, Ports(admin=9901, extproc=9902), log_dir,
+                        ca_bundle="/etc/ssl/certs/ca-certificates.crt")
 
 
 def test_matches_golden_file() -> None:
@@ -50,7 +51,7 @@ def test_envoy_accepts_it(tmp_path: Path) -> None:
 
 def test_required_settings() -> None:
     bootstrap = rendered()
-    listeners = {l["name"]: l for l in bootstrap["static_resources"]["listeners"]}
+    listeners = {x["name"]: x for x in bootstrap["static_resources"]["listeners"]}
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     outer = listeners["model_listener"]["filter_chains"][0]["filters"][0]["typed_config"]
     route = outer["route_config"]["virtual_hosts"][0]["routes"][1]["route"]
