@@ -238,6 +238,8 @@ def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "dispatch",
+        # an internal hop: closing it late only delays the error reaching the client (default 1s)
+        "delayed_close_timeout": "0s",
         "local_reply_config": _local_replies(body_limit),
         "internal_address_config": {"cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]},
         "route_config": {"name": "dispatch", "virtual_hosts": [{

@@ -75,6 +75,10 @@ model_providers:
     attempt_timeout: 1s
     retry_policy:
       fallback_models: [b/fallback]
+  - model: a/stall
+    base_url: {a}
+    access_key: sk-a-0123456789abcdef
+    stream_idle_timeout: 1s
   - model: a/listed-400
     base_url: {a}
     access_key: sk-a-0123456789abcdef
@@ -329,3 +333,27 @@ def test_request_state_is_keyed_by_envoys_id_not_the_clients(stack: Stack, provi
     assert {r.headers["x-sidestep-attempts"] for r in responses} <= {"1", "2"}
     ids = {seen.headers["x-request-id"] for p in "ab" for seen in providers[p].requests}
     assert "same-for-all" not in ids and len(ids) == 8
+
+
+def test_stalled_stream_is_cut_after_the_idle_timeout(stack: Stack, providers) -> None:
+    providers["a"].script(Reply(stream=3, interval=4))  # one chunk, then 4 s of silence
+    started = time.monotonic()
+    received: list[str] = []
+    with pytest.raises(httpx.HTTPError):
+        with stack.client.stream("POST", stack.url + "/v1/chat/completions", timeout=30,
+                                 content=json.dumps({"model": "a/stall", "stream": True})) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                received.append(line)
+    assert 0.9 <= time.monotonic() - started < 3
+    assert any(line.startswith("data: {") for line in received)  # what did arrive was delivered
+
+
+def test_large_body_survives_failover(stack: Stack, providers) -> None:
+    providers["a"].script(Reply(429))
+    content = "x" * (5 * 1024 * 1024)
+    body = json.dumps({"model": "a/primary", "messages": [{"role": "user", "content": content}]}).encode()
+    response = stack.chat(body, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["x-sidestep-model"] == "b/fallback"
+    assert providers["b"].requests[0].body == body.replace(b'"a/primary"', b'"fallback"')
