@@ -23,8 +23,3 @@ DISPATCH_LISTENER = "sidestep_dispatch"
 HEALTH_PATH = "/healthz"
 REQUEST_ID_HEADER = "x-request-id"
 ATTEMPT_COUNT_HEADER = "x-envoy-attempt-count"
-
-
-def route_id(index: int) -> str:
-    """Value of TARGET_HEADER for the index-th target in config order."""
-    return f"t{index}"

@@ -28,12 +28,11 @@ log = logging.getLogger("sidestep.extproc")
 
 @dataclass(frozen=True, slots=True)
 class AttemptPlan:
-    """Send this attempt to `target` with `body`, after waiting until `not_before`."""
+    """Send this attempt to `target` with `body`, after waiting until `state.not_before`."""
 
     state: RequestState
     target: Target
     body: bytes
-    not_before: float
 
 
 class Coordinator:
@@ -66,18 +65,17 @@ class Coordinator:
                 return exhausted(state, decision)
         return self._plan(state, body, now)
 
-    def end_attempt(self, request_id: str, status: int, details: str | None,
-                    retry_after: str | None) -> tuple[RequestState | None, Decision]:
+    def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None) -> Decision:
         """Called with each attempt's response headers: deliver, retry (recorded), or give up."""
         state = self.requests.get(request_id)
         if state is None or state.current is None:
-            return None, Deliver()
+            return Deliver()
         now = self.clock()
         outcome = classify(status, details, retry_after, self.wall_clock())
         decision = self._decide(request_id, state, outcome, now)
         if not isinstance(decision, Retry):
             del self.requests[request_id]
-        return state, decision
+        return decision
 
     def sweep(self) -> int:
         """Forget requests whose client went away mid-way (their last stream was cancelled)."""
@@ -120,7 +118,7 @@ class Coordinator:
         except BadBody as exc:  # cannot happen for a body that parsed on the first attempt
             return ClientError(400, "invalid_request_error", str(exc))
         state.attempts.append(Attempt(target=target, started=max(now, state.not_before)))
-        return AttemptPlan(state, target, replace_model(body, field, target.model_id), state.not_before)
+        return AttemptPlan(state, target, replace_model(body, field, target.model_id))
 
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
         attempt = state.current

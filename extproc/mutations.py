@@ -32,14 +32,13 @@ class Replies:
     """Every ProcessingResponse the servicer sends, built from the compiled config once."""
 
     CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-    CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
     def __init__(self, gateway: Gateway) -> None:
         targets = list(gateway.targets.values())
         extra_names = {name for t in targets for name, _ in t.extra_headers}
         self._static: dict[str, tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
-        for index, target in enumerate(targets):
-            sets = [header(api.TARGET_HEADER, api.route_id(index)),
+        for target in targets:
+            sets = [header(api.TARGET_HEADER, target.route_id),
                     header(":authority", target.upstream.authority)]
             sets += [header(k, v) for k, v in target.extra_headers]
             removes = sorted(extra_names - {k for k, _ in target.extra_headers})

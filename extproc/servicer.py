@@ -33,11 +33,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.coordinator = coordinator
         self.replies = Replies(coordinator.gateway)
         self.body_limit = coordinator.gateway.listener.max_request_body_bytes
-
-    def _too_large(self) -> ClientError:
-        return ClientError(413, "request_too_large",
-                           f"the request body exceeds this listener's limit of {self.body_limit} bytes "
-                           f"(listeners[].max_request_body_bytes)")
+        self.too_large = self.replies.error(ClientError(
+            413, "request_too_large", f"the request body exceeds this listener's limit of {self.body_limit} "
+                                      f"bytes (listeners[].max_request_body_bytes)"), 0)
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
         try:
@@ -58,7 +56,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             await context.write(self.replies.error(error, 0))
             return
         if length > self.body_limit:  # refuse before Envoy buffers it all
-            await context.write(self.replies.error(self._too_large(), 0))
+            await context.write(self.too_large)
             return
         await context.write(Replies.CONTINUE_HEADERS)
 
@@ -66,14 +64,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if message is aio.EOF or not message.HasField("request_body"):
             return
         if len(message.request_body.body) > self.body_limit:  # chunked: no content-length to check
-            await context.write(self.replies.error(self._too_large(), 0))
+            await context.write(self.too_large)
             return
         plan = self.coordinator.begin_attempt(request_id, envoy_attempt, path, credentials,
                                               message.request_body.body)
         if isinstance(plan, ClientError):
             await context.write(self.replies.error(plan, envoy_attempt - 1))
             return
-        delay = plan.not_before - self.coordinator.clock()
+        delay = plan.state.not_before - self.coordinator.clock()
         if delay > 0:
             await asyncio.sleep(delay)  # before replying: the attempt's timeout has not started yet
         await context.write(self.replies.attempt(plan.target, plan.state.client_path, plan.body,
@@ -87,13 +85,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     async def _respond(self, context: aio.ServicerContext, request_id: str, plan: AttemptPlan,
                        headers: pb.HttpHeaders) -> None:
         status, details, retry_after = _scan_response(headers)
-        state, decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
+        decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
         attempts = plan.state.attempt_number
         if isinstance(decision, Deliver):
             await context.write(self.replies.delivered(plan.target, attempts))
         elif isinstance(decision, GiveUp):
-            assert state is not None
-            await context.write(self.replies.error(exhausted(state, decision), attempts))
+            await context.write(self.replies.error(exhausted(plan.state, decision), attempts))
         elif isinstance(decision, Retry):
             if headers.end_of_stream:
                 await context.write(self.replies.retry("response_headers"))

@@ -131,6 +131,7 @@ class Target:
     """One `model_providers` entry: a model at a provider, reachable through one cluster."""
 
     key: str  # "openai/gpt-4o", as configured
+    route_id: str  # value of the routing header that sends an attempt to this target's dispatch route
     provider: str  # "openai"
     model_id: str  # "gpt-4o": what the provider sees in the body
     upstream: Upstream
@@ -211,9 +212,9 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     bare: dict[str, Target] = {}
     targets: dict[str, Target] = {}
     names: dict[str, Target] = {}
-    for entry in providers:
+    for index, entry in enumerate(providers):
         upstream = _upstream(entry, upstreams, local=local)
-        target = _target(entry, upstream, listener, env)
+        target = _target(entry, upstream, listener, env, route_id=f"t{index}")
         targets[target.key] = target
     all_keys = list(targets)
     for entry in providers:
@@ -275,7 +276,8 @@ def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], 
     return seen[ident]
 
 
-def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str]) -> Target:
+def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str], *,
+            route_id: str) -> Target:
     prefix, _, model_id = entry.model.partition("/")
     anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
     key = expand_env(entry.access_key, env) if entry.access_key else ""
@@ -287,6 +289,7 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
     return Target(
         key=entry.model,
+        route_id=route_id,
         provider=prefix,
         model_id=model_id,
         upstream=upstream,

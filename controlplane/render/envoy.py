@@ -214,7 +214,7 @@ def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]
     routes: list[dict[str, Any]] = [
         {
             "match": {"prefix": "/", "headers": [{"name": api.TARGET_HEADER,
-                                                  "string_match": {"exact": api.route_id(i)}}]},
+                                                  "string_match": {"exact": target.route_id}}]},
             "route": {
                 "cluster": target.upstream.cluster,
                 "timeout": "0s",  # a route timeout would cut healthy streams
@@ -224,7 +224,7 @@ def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]
             },
             "response_headers_to_add": [_header(api.UPSTREAM_DETAILS_HEADER, "%RESPONSE_CODE_DETAILS%")],
         }
-        for i, target in enumerate(targets)
+        for target in targets
     ]
     routes.append({
         "match": {"prefix": "/"},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from controlplane.config.runtime import Policy, Rule, Target
@@ -130,7 +130,8 @@ def _backoff_applies(apply_to: BackoffApplyTo, failed: Target, chosen: Target) -
     return True
 
 
-def _give_up(outcome: Outcome, reason: str, everything: Sequence[Target], blocked_until, now: float) -> GiveUp:
+def _give_up(outcome: Outcome, reason: str, everything: Sequence[Target], blocked_until: Callable[[Target], float],
+             now: float) -> GiveUp:
     retry_after = None
     if outcome.error_type is ErrorType.RATE_LIMITED:
         remaining = [blocked_until(t) - now for t in everything]

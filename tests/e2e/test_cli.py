@@ -164,3 +164,57 @@ model_providers: [{{model: a/x, base_url: "http://127.0.0.1:9", access_key: k-01
         result = run_cli("--home", str(tmp_path / "home"), "up", str(config), check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_render_prints_envoy_config_without_keys(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text('model_providers: [{model: a/x, base_url: "http://127.0.0.1:9", '
+                      'access_key: sk-secret-abcdefghijkl}]')
+    bootstrap = json.loads(run_cli("render", str(config)).stdout)
+    names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
+    assert "sidestep_attempts" in names and "sidestep_extproc" in names
+    assert "sk-secret" not in json.dumps(bootstrap)
+
+
+def test_up_foreground_serves_until_interrupted(tmp_path: Path, providers) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+listeners: [{{type: model, port: {port}}}]
+model_providers: [{{model: a/x, base_url: "{providers['a'].url}", access_key: k-0123456789ab}}]
+""")
+    home = tmp_path / "home"
+    process = subprocess.Popen([sys.executable, "-m", "controlplane", "--home", str(home), "up", "--foreground",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b'{"model": "a/x"}').status_code == 200
+        children = json.loads(run_cli("--home", str(home), "status", "--json").stdout)["processes"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for child in children.values():  # Envoy and the ext_proc went with it
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"child {child['pid']} still running")
+    assert "not running" in run_cli("--home", str(home), "status", check=False).stdout

@@ -75,14 +75,14 @@ def test_a_request_across_attempts() -> None:
     plan = coord.begin_attempt("r1", 1, "/v1/chat/completions", (("authorization", "Bearer c"),),
                                b'{"model": "a/one"}')
     assert isinstance(plan, AttemptPlan)
-    assert plan.target.key == "a/one" and plan.body == b'{"model": "one"}' and plan.not_before == 0.0
-    state, decision = coord.end_attempt("r1", 503, "via_upstream", None)
+    assert plan.target.key == "a/one" and plan.body == b'{"model": "one"}' and plan.state.not_before == 0.0
+    decision = coord.end_attempt("r1", 503, "via_upstream", None)
     assert isinstance(decision, Retry) and decision.wait == 0.5
     plan = coord.begin_attempt("r1", 2, "/v1/rewritten-by-attempt-1", (), b'{"model": "one"}')
-    assert plan.not_before == 1000.5 and plan.state.client_path == "/v1/chat/completions"
+    assert plan.state.not_before == 1000.5 and plan.state.client_path == "/v1/chat/completions"
     assert plan.state.client_credentials == (("authorization", "Bearer c"),)
     clock.now = 1000.6
-    _, decision = coord.end_attempt("r1", 200, "via_upstream", None)
+    decision = coord.end_attempt("r1", 200, "via_upstream", None)
     assert isinstance(decision, Deliver)
     assert coord.requests == {}  # finished requests leave nothing behind
 
@@ -109,15 +109,15 @@ def test_bad_requests_become_client_errors() -> None:
 def test_no_policy_passes_through_and_exhaustion_cleans_up() -> None:
     coord, _ = coordinator()
     coord.begin_attempt("r1", 1, "/v1/x", (), b'{"model": "b/two"}')
-    _, decision = coord.end_attempt("r1", 429, "via_upstream", "3")
+    decision = coord.end_attempt("r1", 429, "via_upstream", "3")
     assert isinstance(decision, Deliver)
     coord.begin_attempt("r2", 1, "/v1/x", (), b'{"model": "a/one"}')
     coord.end_attempt("r2", 500, "via_upstream", None)
     coord.begin_attempt("r2", 2, "/v1/x", (), b'{"model": "a/one"}')
     coord.end_attempt("r2", 500, "via_upstream", None)
-    coord.begin_attempt("r2", 3, "/v1/x", (), b'{"model": "a/one"}')
-    state, decision = coord.end_attempt("r2", 500, "via_upstream", None)
-    assert decision == GiveUp(500, "max_attempts") and state.attempt_number == 3
+    plan = coord.begin_attempt("r2", 3, "/v1/x", (), b'{"model": "a/one"}')
+    decision = coord.end_attempt("r2", 500, "via_upstream", None)
+    assert decision == GiveUp(500, "max_attempts") and plan.state.attempt_number == 3
     assert coord.requests == {}
 
 
