@@ -10,8 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from importlib import resources
 from pathlib import Path
@@ -21,11 +19,12 @@ from controlplane.config.schema import SidestepConfig
 from controlplane.errors import ConfigError, ConfigIssue, SidestepError, StackError
 from controlplane.render.envoy import Ports, render_envoy
 from controlplane.rundir import RunDir, StackInfo, free_port, pid_alive
+from controlplane.status import collect_status, format_status, healthz
 
 __all__ = ["main"]
 
 DEFAULT_CONFIG_NAMES = ("sidestep.yaml", "sidestep.yml", "config.yaml")
-LOG_NAMES = ("supervisor", "extproc", "envoy", "access")
+LOG_NAMES = ("supervisor", "state", "extproc", "envoy", "access")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("config", nargs="?", help="config file (default ./sidestep.yaml, else built-in defaults)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the gateway")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
+    up.add_argument("--workers", type=int, help="ext_proc worker processes (default $SIDESTEP_WORKERS, "
+                                                "else one per two cores)")
     up.add_argument("--docker", action="store_true", help="run in containers (not available yet)")
     up.set_defaults(func=cmd_up)
 
@@ -100,7 +101,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     listener = loaded.gateway.listener
     _check_port_free(listener.address, listener.port)
     rundir.ensure()
-    ports = Ports(admin=free_port(), extproc=free_port())
+    workers = _workers(args.workers)
+    ports = Ports(admin=free_port(), extproc=tuple(free_port() for _ in range(workers)))
     rundir.config.write_text(text)  # the stack runs this copy; editing the file needs another `up`
     rundir.config.chmod(0o600)  # it may hold literal keys
     bootstrap = render_envoy(loaded.gateway, ports, str(rundir.logs))
@@ -108,8 +110,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
     stack = StackInfo(
         config_source=str(source), listener_url=f"http://{host}:{listener.port}", admin_port=ports.admin,
-        extproc_port=ports.extproc, config_hash=bootstrap["node"]["metadata"]["config_hash"],
-        models=list(loaded.gateway.targets), envoy_concurrency=_envoy_concurrency(),
+        state_port=free_port(), extproc_ports=list(ports.extproc),
+        config_hash=bootstrap["node"]["metadata"]["config_hash"], models=list(loaded.gateway.targets),
+        key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in loaded.gateway.targets.values() if t.pooled},
+        envoy_concurrency=_envoy_concurrency(),
     )
     rundir.write_stack(stack)
     for name in LOG_NAMES:
@@ -124,7 +128,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     _wait_healthy(rundir, stack, process, args.timeout)
-    print(f"sidestep is up on {stack.listener_url}  ({len(stack.models)} models: {', '.join(stack.models)})")
+    print(f"sidestep is up on {stack.listener_url}  ({len(stack.models)} models: {', '.join(stack.models)}; "
+          f"{workers} ext_proc worker{'s' if workers > 1 else ''})")
     print(f"  config: {source}")
     print(f"  logs:   {rundir.logs}  (`sidestep logs`)")
     print("  stop:   sidestep down")
@@ -143,35 +148,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     rundir = RunDir(args.home)
-    pid = rundir.supervisor_pid()
-    stack = rundir.read_stack()
-    running = pid is not None and stack is not None
-    health = _healthz(stack.listener_url) if running and stack else None
-    children = rundir.read_children() if running else {}
-    report = {
-        "running": running,
-        "healthy": health == 200,
-        "supervisor_pid": pid,
-        "listener": stack.listener_url if stack else None,
-        "config": stack.config_source if stack else None,
-        "config_hash": stack.config_hash if stack else None,
-        "models": stack.models if stack else [],
-        "processes": children,
-        "logs": str(rundir.logs),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif not running:
-        print("sidestep is not running (start it with `sidestep up`)")
-    else:
-        state = "healthy" if health == 200 else f"UNHEALTHY (/healthz → {health or 'no answer'})"
-        print(f"sidestep is running on {report['listener']}: {state}")
-        print(f"  config:  {report['config']} (hash {report['config_hash']})")
-        print(f"  models:  {', '.join(report['models'])}")
-        for name, child in children.items():
-            print(f"  {name:8s} pid {child['pid'] or '-'}  restarts {child['restarts']}")
-        print(f"  logs:    {report['logs']}")
-    return 0 if running else 3
+    report = collect_status(rundir)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0 if report["running"] else 3
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -216,7 +195,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
-    print(json.dumps(render_envoy(loaded.gateway, Ports(admin=9901, extproc=9902), "logs"), indent=1))
+    print(json.dumps(render_envoy(loaded.gateway, Ports(admin=9901, extproc=(9902,)), "logs"), indent=1))
     return 0
 
 
@@ -243,6 +222,18 @@ def _envoy_concurrency() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def _workers(requested: int | None) -> int:
+    """ext_proc worker processes: one per two cores by default (each is one Python process, and
+    Envoy and the providers' traffic need CPU too); $SIDESTEP_WORKERS or --workers to choose."""
+    if requested is None and os.environ.get("SIDESTEP_WORKERS"):
+        requested = int(os.environ["SIDESTEP_WORKERS"])
+    if requested is not None:
+        if not 1 <= requested <= 64:
+            raise StackError(f"--workers must be between 1 and 64, not {requested}")
+        return requested
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def _print_warnings(loaded: LoadedConfig) -> None:
     for warning in loaded.warnings:
         _err(f"  ! {warning}")
@@ -267,21 +258,11 @@ def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[by
         if children and any(c["restarts"] > 2 for c in children.values()):
             _stop(rundir)
             raise StackError(f"sidestep failed to start (a process keeps crashing):\n{_tails(rundir)}")
-        if _healthz(stack.listener_url) == 200:
+        if healthz(stack.listener_url) == 200:
             return
         time.sleep(0.1)
     _stop(rundir)
     raise StackError(f"sidestep did not become healthy within {timeout:.0f}s:\n{_tails(rundir)}")
-
-
-def _healthz(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 def _stop(rundir: RunDir, timeout: float = 15.0) -> None:

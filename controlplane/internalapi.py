@@ -12,13 +12,20 @@ UPSTREAM_DETAILS_HEADER = "x-sidestep-upstream"
 # Response headers every client sees.
 ATTEMPTS_HEADER = "x-sidestep-attempts"
 MODEL_HEADER = "x-sidestep-model"
+WORKER_HEADER = "x-sidestep-worker"  # which ext_proc worker handled the request (its logs tell more)
 
 # Credential headers a client may send; none of them reach a provider unless passthrough_auth.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 # Envoy's names.
-EXTPROC_CLUSTER = "sidestep_extproc"
-ATTEMPTS_CLUSTER = "sidestep_attempts"
+def extproc_cluster(worker: int) -> str:
+    return f"sidestep_extproc_{worker}"
+
+
+def attempts_cluster(worker: int) -> str:
+    return f"sidestep_attempts_{worker}"
+
+
 DISPATCH_LISTENER = "sidestep_dispatch"
 HEALTH_PATH = "/healthz"
 REQUEST_ID_HEADER = "x-request-id"

@@ -5,7 +5,7 @@
     run/stack.json       ports, listener, config hash; written by `up`
     run/children.json    the supervisor's view of its children (pids, restarts)
     run/supervisor.pid
-    logs/{supervisor,extproc,envoy,access}.log
+    logs/{supervisor,state,extproc,envoy,access}.log   (all ext_proc workers write extproc.log)
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ class StackInfo:
     config_source: str  # the file the user passed (or "built-in defaults")
     listener_url: str
     admin_port: int
-    extproc_port: int
+    state_port: int  # the control plane's state service
+    extproc_ports: list[int]  # one per ext_proc worker
     config_hash: str
     models: list[str]
+    key_pools: dict[str, list[list[str]]]  # target → [key id, masked hint] in pool order
     envoy_concurrency: int
 
 

@@ -1,5 +1,6 @@
-"""The local supervisor: one process that owns the ext_proc and Envoy, restarts them when they die,
-and stops them cleanly on SIGTERM (`sidestep down`). Usage: `python -m controlplane.supervisor HOME`.
+"""The local supervisor: one process that owns the control plane's state service, the ext_proc
+workers and Envoy, restarts any of them that dies, and stops them cleanly on SIGTERM
+(`sidestep down`). Usage: `python -m controlplane.supervisor HOME`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.rundir import RunDir
+from controlplane.rundir import RunDir, StackInfo
 
 __all__ = ["Supervisor", "envoy_binary"]
 
@@ -75,15 +76,20 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, rundir: RunDir, *, envoy_concurrency: int, extproc_port: int) -> None:
+    def __init__(self, rundir: RunDir, stack: StackInfo) -> None:
         self.rundir = rundir
         self.stopping = False
         python = sys.executable
+        state = f"127.0.0.1:{stack.state_port}"
         self.children = [
-            Child("extproc", [python, "-m", "extproc", "--config", str(rundir.config),
-                              "--port", str(extproc_port)], rundir.log("extproc")),
+            Child("state", [python, "-m", "controlplane.state", "--port", str(stack.state_port),
+                            "--config-hash", stack.config_hash], rundir.log("state")),
+            *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--port", str(port),
+                                     "--worker", str(w), "--state", state, "--config-hash", stack.config_hash],
+                    rundir.log("extproc"))
+              for w, port in enumerate(stack.extproc_ports)),
             Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",
-                            "--concurrency", str(envoy_concurrency), "-l", "warning",
+                            "--concurrency", str(stack.envoy_concurrency), "-l", "warning",
                             "--file-flush-interval-msec", "1000"], rundir.log("envoy")),
         ]
 
@@ -100,7 +106,7 @@ class Supervisor:
                 self._watch()
                 time.sleep(0.2)
         finally:
-            for child in reversed(self.children):  # Envoy first: stop taking requests, then the ext_proc
+            for child in reversed(self.children):  # Envoy first: stop taking requests, then the workers
                 child.stop()
             self._publish()
             self.rundir.pid_file.unlink(missing_ok=True)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if stack is None:
         print(f"no stack description in {rundir.stack_file}; start with `sidestep up`", file=sys.stderr)
         return 2
-    return Supervisor(rundir, envoy_concurrency=stack.envoy_concurrency, extproc_port=stack.extproc_port).run()
+    return Supervisor(rundir, stack).run()
 
 
 if __name__ == "__main__":

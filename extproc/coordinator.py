@@ -7,6 +7,7 @@ feeds it plain values and turns its answers into protobuf.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -14,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.config.runtime import Gateway, Target
+from controlplane.state.table import SlowResponse, StateTable, block_name
 from extproc.body import BadBody, ModelField, find_model, replace_model
-from extproc.policy.blocks import Blocks
 from extproc.policy.classify import ErrorType, Outcome, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
 from extproc.policy.errors import ClientError, exhausted
+from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
 
 __all__ = ["AttemptPlan", "Coordinator"]
@@ -28,26 +30,30 @@ log = logging.getLogger("sidestep.extproc")
 
 @dataclass(frozen=True, slots=True)
 class AttemptPlan:
-    """Send this attempt to `target` with `body`, after waiting until `state.not_before`."""
+    """Send this attempt to `target` with key `key` and `body`, after waiting until `state.not_before`."""
 
     state: RequestState
     target: Target
+    key: int
     body: bytes
 
 
 class Coordinator:
-    """Owns in-flight request state and the worker's global blocks. Usage: see `extproc.servicer`."""
+    """Owns in-flight request state, the worker's replica of the shared state (`table`) and its
+    retry pacing. Usage: see `extproc.servicer`."""
 
-    def __init__(self, gateway: Gateway, *, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None,
-                 state_ttl: float = 900.0) -> None:
+    def __init__(self, gateway: Gateway, *, table: StateTable | None = None, origin: str = "local",
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None, state_ttl: float = 900.0) -> None:
         self.gateway = gateway
+        self.table = table or StateTable()
+        self.pacer = Pacer()
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
-        self.blocks = Blocks()
         self.requests: dict[str, RequestState] = {}
         self.state_ttl = state_ttl
+        self._trigger_ids = (f"{origin}.{n}" for n in itertools.count())
 
     def begin_attempt(self, request_id: str, envoy_attempt: int, path: str,
                       credentials: tuple[tuple[str, str], ...], body: bytes) -> AttemptPlan | ClientError:
@@ -75,7 +81,28 @@ class Coordinator:
         decision = self._decide(request_id, state, outcome, now)
         if not isinstance(decision, Retry):
             del self.requests[request_id]
+        if isinstance(decision, Deliver) and state.primary.policy and state.primary.policy.latency:
+            if state.primary.policy.latency.measure == "total":
+                return Deliver(until_last_byte=True)  # measured by `response_complete`
+            self._observe_latency(state, now)
         return decision
+
+    def response_complete(self, state: RequestState) -> None:
+        """The last byte of a delivered response (asked for with `Deliver(until_last_byte=True)`)."""
+        self._observe_latency(state, self.clock())
+
+    def _observe_latency(self, state: RequestState, now: float) -> None:
+        """A response slower than the policy's threshold is a trigger (shared); enough of them block."""
+        rule = state.primary.policy.latency if state.primary.policy else None
+        attempt = state.current
+        if rule is None or attempt is None:
+            return
+        latency = now - attempt.started
+        if latency > rule.threshold:
+            name = block_name(rule.scope, attempt.target)
+            self.table.record(SlowResponse(next(self._trigger_ids), rule.scope, name, now, latency, rule))
+            log.info("slow response model=%s %s=%.0fms threshold=%.0fms", attempt.target.key, rule.measure,
+                     latency * 1000, rule.threshold * 1000)
 
     def sweep(self) -> int:
         """Forget requests whose client went away mid-way (their last stream was cancelled)."""
@@ -101,7 +128,7 @@ class Coordinator:
             return ClientError(404, "model_not_found",
                                f"model {field.value!r} is not configured and there is no default model; "
                                f"models: {known}")
-        first = first_target(primary, self.gateway.order(primary), self.blocks, now)
+        first = first_target(primary, self.gateway.order(primary), self.table, now)
         state = RequestState(primary=primary, started=now, client_path=path,
                              client_credentials=credentials, next_target=primary)
         if isinstance(first, GiveUp):
@@ -117,24 +144,28 @@ class Coordinator:
             field = field or find_model(body)
         except BadBody as exc:  # cannot happen for a body that parsed on the first attempt
             return ClientError(400, "invalid_request_error", str(exc))
-        state.attempts.append(Attempt(target=target, started=max(now, state.not_before)))
-        return AttemptPlan(state, target, replace_model(body, field, target.model_id))
+        start = max(now, state.not_before)
+        # the first usable key; should none be left (it rested during the wait), the first one
+        key = (self.table.usable_key(target, start) or 0) if target.pooled else 0
+        state.attempts.append(Attempt(target=target, started=start, key=key))
+        return AttemptPlan(state, target, key, replace_model(body, field, target.model_id))
 
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
         attempt = state.current
         assert attempt is not None
         attempt.outcome = outcome
         decision = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
-                                blocks=self.blocks, rng=self.rng)
+                                table=self.table, pacer=self.pacer, rng=self.rng)
+        key = attempt.target.keys[attempt.key].hint if attempt.target.keys else attempt.target.key_hint
         if isinstance(decision, Retry):
             attempt.retried_by = decision.rule
             state.next_target = decision.target
             state.not_before = now + decision.wait
-            log.info("retry request=%s attempt=%d model=%s outcome=%s status=%d -> model=%s wait=%.3fs rule=%s",
-                     request_id, state.attempt_number, attempt.target.key, outcome.error_type, outcome.status,
-                     decision.target.key, decision.wait, decision.rule)
+            log.info("retry request=%s attempt=%d model=%s key=%s outcome=%s status=%d -> model=%s wait=%.3fs "
+                     "rule=%s", request_id, state.attempt_number, attempt.target.key, key, outcome.error_type,
+                     outcome.status, decision.target.key, decision.wait, decision.rule)
         elif isinstance(decision, GiveUp):
-            log.info("give_up request=%s attempts=%d model=%s outcome=%s status=%d reason=%s",
-                     request_id, state.attempt_number, attempt.target.key, outcome.error_type, outcome.status,
+            log.info("give_up request=%s attempts=%d model=%s key=%s outcome=%s status=%d reason=%s",
+                     request_id, state.attempt_number, attempt.target.key, key, outcome.error_type, outcome.status,
                      decision.reason)
         return decision

@@ -20,6 +20,7 @@ __all__ = ["Replies"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 
 def header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -32,30 +33,34 @@ class Replies:
     """Every ProcessingResponse the servicer sends, built from the compiled config once."""
 
     CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    CONTINUE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, worker: str = "0") -> None:
         targets = list(gateway.targets.values())
         extra_names = {name for t in targets for name, _ in t.extra_headers}
-        self._static: dict[str, tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
+        self.worker = header(api.WORKER_HEADER, worker)
+        self._static: dict[tuple[str, int], tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
         for target in targets:
             sets = [header(api.TARGET_HEADER, target.route_id),
                     header(":authority", target.upstream.authority)]
             sets += [header(k, v) for k, v in target.extra_headers]
             removes = sorted(extra_names - {k for k, _ in target.extra_headers})
-            if not target.passthrough_auth:
-                sets += [header(k, v) for k, v in target.credentials]
-                sent = {k for k, _ in target.credentials}
-                removes += [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent]
-            self._static[target.key] = (sets, removes)
+            if target.passthrough_auth or not target.keys:
+                self._static[(target.key, 0)] = (sets, removes)
+            for index, key in enumerate(target.keys):  # one reply shape per key of a pool
+                sent = {k for k, _ in key.headers}
+                self._static[(target.key, index)] = (
+                    sets + [header(k, v) for k, v in key.headers],
+                    removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent])
         self._delivered: dict[tuple[str, int], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
 
-    def attempt(self, target: Target, path: str, body: bytes,
+    def attempt(self, target: Target, key: int, path: str, body: bytes,
                 client_credentials: tuple[tuple[str, str], ...]) -> pb.ProcessingResponse:
-        """The request-body reply that sends this attempt to `target` with `body`."""
-        sets, removes = self._static[target.key]
+        """The request-body reply that sends this attempt to `target` with key `key` and `body`."""
+        sets, removes = self._static[(target.key, key)]
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
         if target.passthrough_auth:  # restore the client's own credentials, whatever came before
             sent = {k for k, _ in client_credentials}
@@ -73,7 +78,8 @@ class Replies:
         if reply is None:
             reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(set_headers=[
-                    header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key)]))))
+                    header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key),
+                    self.worker]))))
             if len(self._delivered) < 4096:
                 self._delivered[key] = reply
         return reply
@@ -91,10 +97,16 @@ class Replies:
         reply.mode_override.response_body_mode = _BUFFERED
         return reply
 
-    @staticmethod
-    def error(error: ClientError, attempts: int) -> pb.ProcessingResponse:
+    def delivered_until_last_byte(self, target: Target, attempts: int) -> pb.ProcessingResponse:
+        """`delivered`, and stream the body through us so its last byte can be timed."""
+        reply = pb.ProcessingResponse()
+        reply.CopyFrom(self.delivered(target, attempts))
+        reply.mode_override.response_body_mode = _STREAMED
+        return reply
+
+    def error(self, error: ClientError, attempts: int) -> pb.ProcessingResponse:
         """A final JSON error; from an upstream filter it is never retried."""
-        sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts))]
+        sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts)), self.worker]
         if error.retry_after is not None:
             sets.append(header("retry-after", str(error.retry_after)))
         return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(

@@ -1,10 +1,15 @@
-"""Build and run the ext_proc gRPC server. Usage: `python -m extproc --config FILE --port N`."""
+"""Build and run one ext_proc worker.
+
+Usage: `python -m extproc --config FILE --port N [--worker ID --state HOST:PORT --config-hash H]`.
+With `--state` the worker keeps its shared-state replica in sync with the control plane.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -15,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controlplane.config import Gateway, load_config
 from controlplane.errors import ConfigError
+from controlplane.state.replica import Replica
 from extproc.coordinator import Coordinator
 from extproc.servicer import ExtProcServicer
 
@@ -30,7 +36,7 @@ class Worker:
     health: health.aio.HealthServicer
 
 
-def create_server(gateway: Gateway, address: str) -> Worker:
+def create_server(gateway: Gateway, address: str, worker: str = "0") -> Worker:
     """An unstarted server bound to `address`, serving ext_proc and gRPC health."""
     # the whole request body travels in one message: allow the listener's limit plus framing
     limit = gateway.listener.max_request_body_bytes + (1 << 20)
@@ -38,21 +44,25 @@ def create_server(gateway: Gateway, address: str) -> Worker:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.max_concurrent_streams", 100_000),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 0),  # each worker has its own port (see controlplane/render/envoy.py)
     ])
-    coordinator = Coordinator(gateway)
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(coordinator), server)
+    coordinator = Coordinator(gateway, origin=f"w{worker}.{os.getpid()}")
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(coordinator, worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(address)
     return Worker(server, coordinator, health_servicer)
 
 
-async def serve(gateway: Gateway, address: str) -> None:
-    worker = create_server(gateway, address)
+async def serve(gateway: Gateway, address: str, worker_id: str, state: str | None, config_hash: str) -> None:
+    worker = create_server(gateway, address, worker_id)
+    background: list[asyncio.Task[None]] = []
+    if state:
+        replica = Replica(worker.coordinator.table, state, worker=worker_id, config_hash=config_hash)
+        background.append(asyncio.create_task(replica.run()))
     await worker.server.start()
     await worker.health.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("ext_proc serving on %s (%d models)", address, len(gateway.targets))
+    log.info("ext_proc worker %s serving on %s (%d models)", worker_id, address, len(gateway.targets))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,9 +73,10 @@ async def serve(gateway: Gateway, address: str) -> None:
             await asyncio.sleep(30)
             worker.coordinator.sweep()
 
-    sweeper = asyncio.create_task(sweep())
+    background.append(asyncio.create_task(sweep()))
     await stop.wait()
-    sweeper.cancel()
+    for task in background:
+        task.cancel()
     await worker.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await worker.server.stop(grace=2)
 
@@ -74,15 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
     parser.add_argument("--config", required=True, help="sidestep config file")
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--worker", default="0", help="this worker's id (logs, x-sidestep-worker)")
+    parser.add_argument("--state", help="the control plane's state service, HOST:PORT")
+    parser.add_argument("--config-hash", default="", help="must match the state service's")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+                        format=f"%(asctime)s %(levelname)s worker-{args.worker} %(name)s %(message)s")
     try:
         gateway = load_config(args.config).gateway
     except ConfigError as exc:
         print(f"sidestep ext_proc: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 2
     # uvloop was measured here and made no difference: gRPC's own C-core and poller dominate
-    asyncio.run(serve(gateway, f"127.0.0.1:{args.port}"))
+    asyncio.run(serve(gateway, f"127.0.0.1:{args.port}", args.worker, args.state, args.config_hash))
     return 0

@@ -29,9 +29,9 @@ _CREDENTIALS = frozenset(api.CLIENT_CREDENTIAL_HEADERS)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, worker: str = "0") -> None:
         self.coordinator = coordinator
-        self.replies = Replies(coordinator.gateway)
+        self.replies = Replies(coordinator.gateway, worker)
         self.body_limit = coordinator.gateway.listener.max_request_body_bytes
         self.too_large = self.replies.error(ClientError(
             413, "request_too_large", f"the request body exceeds this listener's limit of {self.body_limit} "
@@ -74,7 +74,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         delay = plan.state.not_before - self.coordinator.clock()
         if delay > 0:
             await asyncio.sleep(delay)  # before replying: the attempt's timeout has not started yet
-        await context.write(self.replies.attempt(plan.target, plan.state.client_path, plan.body,
+        await context.write(self.replies.attempt(plan.target, plan.key, plan.state.client_path, plan.body,
                                                  plan.state.client_credentials))
 
         message = await context.read()
@@ -88,7 +88,18 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
         attempts = plan.state.attempt_number
         if isinstance(decision, Deliver):
-            await context.write(self.replies.delivered(plan.target, attempts))
+            if not decision.until_last_byte or headers.end_of_stream:
+                await context.write(self.replies.delivered(plan.target, attempts))
+                if headers.end_of_stream and decision.until_last_byte:
+                    self.coordinator.response_complete(plan.state)
+                return
+            await context.write(self.replies.delivered_until_last_byte(plan.target, attempts))
+            while (message := await context.read()) is not aio.EOF and message.HasField("response_body"):
+                if message.response_body.end_of_stream:
+                    self.coordinator.response_complete(plan.state)  # before the client gets the last byte
+                await context.write(Replies.CONTINUE_BODY)
+                if message.response_body.end_of_stream:
+                    return
         elif isinstance(decision, GiveUp):
             await context.write(self.replies.error(exhausted(plan.state, decision), attempts))
         elif isinstance(decision, Retry):

@@ -6,6 +6,7 @@ from controlplane.config.runtime import expand_status_codes
 from controlplane.config.schema import (
     IGNORED_TOP_LEVEL,
     BackoffApplyTo,
+    BlockApplyTo,
     RetryPolicy,
     SidestepConfig,
     Strategy,
@@ -78,9 +79,17 @@ def _lint_policy(here: str, primary: str, policy: RetryPolicy, configured: set[s
         if backoff.apply_to == BackoffApplyTo.SAME_PROVIDER and strategies == {Strategy.DIFFERENT_PROVIDER}:
             warnings.append(ConfigIssue(f"{here}.backoff.apply_to",
                                         "same_provider never matches: every rule moves to a different provider"))
-    if policy.on_high_latency is not None:
-        warnings.append(ConfigIssue(f"{here}.on_high_latency",
-                                    "accepted, but latency blocks are not enforced yet in this version"))
+    latency = policy.on_high_latency
+    if latency is not None:
+        if latency.apply_to == BlockApplyTo.REQUEST:
+            warnings.append(ConfigIssue(f"{here}.on_high_latency.apply_to",
+                                        "request has no effect: a slow response is delivered, which ends its "
+                                        "request; use global to steer later requests away"))
+        for field in ("strategy", "max_attempts"):
+            if getattr(latency, field) is not None:
+                warnings.append(ConfigIssue(f"{here}.on_high_latency.{field}",
+                                            "ignored: a slow response is delivered, not retried; later requests "
+                                            "avoid the blocked target"))
     if policy.default_max_attempts == 0 and not policy.on_status_codes and policy.on_timeout is None:
         warnings.append(ConfigIssue(f"{here}.default_max_attempts", "0 with no rules: this policy never retries"))
     return warnings

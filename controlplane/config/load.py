@@ -140,12 +140,21 @@ def _semantic_issues(config: SidestepConfig, env: Mapping[str, str]) -> list[Con
                                       f"{entry.model.partition('/')[0]!r} listens"))
         else:
             issues.extend(_check_url(f"{here}.base_url", base_url))
-        for field, value in [("access_key", entry.access_key), ("base_url", entry.base_url),
+        pool = [(f"access_keys[{k}]", v) for k, v in enumerate(entry.access_keys or [])]
+        for field, value in [("access_key", entry.access_key), *pool, ("base_url", entry.base_url),
                              *((f"headers.{k}", v) for k, v in entry.headers.items())]:
             for var in env_references(value or ""):
                 if var not in env:
                     issues.append(ConfigIssue(f"{here}.{field}", f"environment variable {var} is not set"))
-        if entry.access_key is None and not entry.passthrough_auth and entry.base_url is None:
+        if entry.access_key is not None and entry.access_keys is not None:
+            issues.append(ConfigIssue(f"{here}.access_keys", "use either access_key or access_keys, not both"))
+        if entry.access_keys is not None and entry.passthrough_auth:
+            issues.append(ConfigIssue(f"{here}.access_keys",
+                                      "a key pool cannot be combined with passthrough_auth (the client's key)"))
+        if entry.access_keys and len(set(entry.access_keys)) != len(entry.access_keys):
+            issues.append(ConfigIssue(f"{here}.access_keys", "lists the same key twice"))
+        no_key = entry.access_key is None and entry.access_keys is None
+        if no_key and not entry.passthrough_auth and entry.base_url is None:
             issues.append(ConfigIssue(f"{here}.access_key",
                                       "required for a hosted provider (or set passthrough_auth: true "
                                       "to forward the client's own key)"))

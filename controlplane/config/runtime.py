@@ -6,6 +6,7 @@ only reads it, and a reload swaps the whole object. Nothing here does I/O or imp
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,9 @@ from urllib.parse import urlsplit
 
 from controlplane.config.schema import (
     Backoff,
+    BlockApplyTo,
+    BlockScope,
+    HighLatency,
     ModelProvider,
     RetryAfterHandling,
     RetryPolicy,
@@ -22,7 +26,9 @@ from controlplane.config.schema import (
 
 __all__ = [
     "DEFAULT_RETRIABLE",
+    "ApiKey",
     "Gateway",
+    "LatencyRule",
     "ListenerSpec",
     "Policy",
     "Rule",
@@ -113,6 +119,18 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencyRule:
+    """`on_high_latency`, compiled: block a target after `min_triggers` slow responses in `window`."""
+
+    threshold: float  # seconds
+    measure: str  # "ttfb" | "total" (to the last byte)
+    min_triggers: int
+    window: float  # seconds
+    block_for: float  # seconds
+    scope: BlockScope
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The retry policy of a primary target, compiled."""
 
@@ -124,6 +142,16 @@ class Policy:
     retry_after: RetryAfterHandling
     max_retry_duration: float | None  # seconds
     max_retries: int  # upper bound on retries one request can make under this policy
+    latency: LatencyRule | None  # None also when on_high_latency applies to the request only (no effect)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One key of a target: the headers that carry it, and how logs and status name it."""
+
+    id: str  # fingerprint shared with the control plane; the key itself never leaves the worker
+    hint: str  # masked, e.g. "sk-a…f9"
+    headers: tuple[tuple[str, str], ...] = field(repr=False)  # secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +164,20 @@ class Target:
     model_id: str  # "gpt-4o": what the provider sees in the body
     upstream: Upstream
     anthropic: bool
-    credentials: tuple[tuple[str, str], ...]  # auth headers to send (secret); empty for passthrough
+    keys: tuple[ApiKey, ...]  # the access_key, or the access_keys pool in order; empty for passthrough
+    pooled: bool  # access_keys: a 429/401/403 moves the request to the next key
     passthrough_auth: bool
     extra_headers: tuple[tuple[str, str], ...]
     attempt_timeout: float
     stream_idle_timeout: float
-    key_hint: str  # masked access key, for logs and status
     policy: Policy | None = field(default=None, compare=False)
+
+    @property
+    def key_hint(self) -> str:
+        """The masked key(s), for logs and status."""
+        if self.passthrough_auth:
+            return "passthrough"
+        return ", ".join(k.hint for k in self.keys) or "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +222,10 @@ class Gateway:
 
     @property
     def max_retries(self) -> int:
-        """The most retries any request may make: Envoy's num_retries must allow it."""
-        return max((t.policy.max_retries for t in self.targets.values() if t.policy), default=0)
+        """The most retries any request may make: Envoy's num_retries must allow it. Moving to the
+        next key of a pool is a retry too, and a request may walk every pool it fails over to."""
+        policies = max((t.policy.max_retries for t in self.targets.values() if t.policy), default=0)
+        return policies + sum(len(t.keys) - 1 for t in self.targets.values() if t.pooled)
 
 
 def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: bool = True) -> Gateway:
@@ -280,10 +317,8 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
             route_id: str) -> Target:
     prefix, _, model_id = entry.model.partition("/")
     anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
-    key = expand_env(entry.access_key, env) if entry.access_key else ""
-    credentials: tuple[tuple[str, str], ...] = ()
-    if not entry.passthrough_auth and key:
-        credentials = (("x-api-key", key),) if anthropic else (("authorization", f"Bearer {key}"),)
+    secrets = [] if entry.passthrough_auth else entry.access_keys or ([entry.access_key] if entry.access_key else [])
+    keys = tuple(_api_key(expand_env(secret, env), anthropic) for secret in secrets)
     extra = {name.lower(): expand_env(value, env) for name, value in entry.headers.items()}
     if anthropic:
         extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
@@ -294,15 +329,27 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         model_id=model_id,
         upstream=upstream,
         anthropic=anthropic,
-        credentials=credentials,
+        keys=keys,
+        pooled=entry.access_keys is not None and not entry.passthrough_auth,
         passthrough_auth=entry.passthrough_auth,
         extra_headers=tuple(extra.items()),
         attempt_timeout=entry.attempt_timeout if entry.attempt_timeout is not None else listener.attempt_timeout,
         stream_idle_timeout=(
             entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout
         ),
-        key_hint="passthrough" if entry.passthrough_auth else (mask_secret(key) if key else "none"),
     )
+
+
+def _api_key(secret: str, anthropic: bool) -> ApiKey:
+    headers = (("x-api-key", secret),) if anthropic else (("authorization", f"Bearer {secret}"),)
+    return ApiKey(id=hashlib.sha256(secret.encode()).hexdigest()[:16], hint=mask_secret(secret), headers=headers)
+
+
+def _latency_rule(spec: HighLatency | None) -> LatencyRule | None:
+    if spec is None or spec.apply_to is BlockApplyTo.REQUEST:
+        return None  # a slow response is delivered, which ends its request: a request-scoped block is moot
+    return LatencyRule(threshold=spec.threshold_ms / 1000, measure=spec.measure, min_triggers=spec.min_triggers,
+                       window=spec.trigger_window_seconds, block_for=spec.block_duration_seconds, scope=spec.scope)
 
 
 def _policy(primary: str, spec: RetryPolicy, all_keys: list[str], listener: ListenerSpec) -> Policy:
@@ -341,6 +388,7 @@ def _policy(primary: str, spec: RetryPolicy, all_keys: list[str], listener: List
         retry_after=spec.retry_after_handling,
         max_retry_duration=budget,
         max_retries=sum(r.max_attempts for r in distinct_rules.values()),
+        latency=_latency_rule(spec.on_high_latency),
     )
 
 

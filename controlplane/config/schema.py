@@ -164,6 +164,10 @@ class ModelProvider(_Strict):
     """Where the provider listens; well-known providers (openai, anthropic, …) have a default."""
     access_key: str | None = None
     """The provider's API key: a literal, or `$VAR` / `${VAR}` read from the environment."""
+    access_keys: Annotated[list[str], Field(min_length=1)] | None = None
+    """sidestep: a key pool (instead of `access_key`). Requests use the first usable key in this
+    order; a 429 rests a key for its Retry-After (default 60 s), a 401/403 retires it until the
+    config is reloaded, and the request moves on to the next key."""
     default: bool = False
     """Serve requests whose model is missing or not configured."""
     provider_interface: str | None = None

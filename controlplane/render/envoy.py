@@ -2,13 +2,21 @@
 
 Topology (see ARCHITECTURE.md):
 
-    client ─► listener (HCM) ─► route /v1/… ─► cluster sidestep_attempts ─► internal listener dispatch
-                 retries when the ext_proc marks      upstream filters:        routes by x-sidestep-target
-                 a response x-sidestep-retry: 1       [ext_proc, codec]        to one provider cluster
+    client ─► listener (HCM) ─► route /v1/… ─► cluster sidestep_attempts_<w> ─► internal listener dispatch
+                 retries when the ext_proc marks      upstream filters:             routes by x-sidestep-target
+                 a response x-sidestep-retry: 1       [ext_proc → worker w, codec]  to one provider cluster
 
 The ext_proc runs once per attempt in the attempts cluster's upstream filter chain; the dispatch
 route of each target carries that target's time-to-first-byte limit (per_try_timeout) and stream
 idle timeout, and stamps every response with its %RESPONSE_CODE_DETAILS%.
+
+Several ext_proc workers: each has its own port and its own attempts cluster, and the route picks
+one per request (weighted_clusters): every attempt of a request, retries included, goes to the
+same worker, which holds that request's state, while requests spread evenly over the workers
+whatever Envoy's thread count. (One shared SO_REUSEPORT port would not spread them: Envoy
+multiplexes all of a thread's ext_proc streams on one HTTP/2 connection, so one worker per Envoy
+thread would do all the work.) Worker w's gRPC cluster lists the other workers at lower priorities,
+so while w is down or restarting its requests go to the next healthy worker.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ ACCESS_LOG_FORMAT = {
 @dataclass(frozen=True)
 class Ports:
     admin: int
-    extproc: int
+    extproc: tuple[int, ...]  # one per ext_proc worker
 
 
 def render_envoy(gateway: Gateway, ports: Ports, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
@@ -80,10 +88,11 @@ def render_envoy(gateway: Gateway, ports: Ports, log_dir: str, ca_bundle: str | 
             "typed_config": {"@type": T + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }],
         "static_resources": {
-            "listeners": [_outer_listener(gateway, log_dir), _dispatch_listener(targets, gateway.listener.max_request_body_bytes)],
+            "listeners": [_outer_listener(gateway, len(ports.extproc), log_dir),
+                          _dispatch_listener(targets, gateway.listener.max_request_body_bytes)],
             "clusters": [
-                _attempts_cluster(message_timeout),
-                _extproc_cluster(ports.extproc),
+                *(_attempts_cluster(w, message_timeout) for w in range(len(ports.extproc))),
+                *(_extproc_cluster(w, ports.extproc) for w in range(len(ports.extproc))),
                 *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
             ],
         },
@@ -111,7 +120,7 @@ def _longest_wait(gateway: Gateway) -> float:
     return longest
 
 
-def _outer_listener(gateway: Gateway, log_dir: str) -> dict[str, Any]:
+def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, Any]:
     spec = gateway.listener
     retry_policy = {
         # resets and connect failures of the internal hop are retried too (the ext_proc sees them
@@ -138,7 +147,7 @@ def _outer_listener(gateway: Gateway, log_dir: str) -> dict[str, Any]:
              "direct_response": {"status": 200, "body": {"inline_string": json.dumps(models)}},
              "response_headers_to_add": [_header("content-type", "application/json")]},
             {"match": {"prefix": "/v1/", "headers": [_method("POST")]},
-             "route": {"cluster": api.ATTEMPTS_CLUSTER, "timeout": "0s", "retry_policy": retry_policy}},
+             "route": {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}},
             {"match": {"prefix": "/"},
              "direct_response": {"status": 404, "body": {"inline_string": json.dumps({"error": {
                  "type": "not_found",
@@ -162,8 +171,9 @@ def _outer_listener(gateway: Gateway, log_dir: str) -> dict[str, Any]:
                 "@type": T + "envoy.extensions.filters.http.health_check.v3.HealthCheck",
                 "pass_through_mode": False,
                 "headers": [{"name": ":path", "string_match": {"exact": api.HEALTH_PATH}}],
-                # 200 only while Envoy's own health check of the ext_proc passes
-                "cluster_min_healthy_percentages": {api.EXTPROC_CLUSTER: {"value": 100}},
+                # 200 only while Envoy's own health check finds at least one ext_proc worker serving
+                # (every worker's cluster lists all workers)
+                "cluster_min_healthy_percentages": {api.extproc_cluster(0): {"value": 100 / workers - 0.001}},
             }},
             _router(),
         ],
@@ -262,12 +272,21 @@ def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]
     }
 
 
-def _attempts_cluster(message_timeout: float) -> dict[str, Any]:
+def _worker_choice(workers: int) -> dict[str, Any]:
+    """Route to one worker's attempts cluster, chosen once per request (retries stay with it)."""
+    if workers == 1:
+        return {"cluster": api.attempts_cluster(0)}
+    return {"weighted_clusters": {"clusters": [
+        {"name": api.attempts_cluster(w), "weight": 1} for w in range(workers)]}}
+
+
+def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
+    name = api.attempts_cluster(worker)
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": api.EXTPROC_CLUSTER}},
+            "grpc_service": {"envoy_grpc": {"cluster_name": api.extproc_cluster(worker)}},
             "failure_mode_allow": False,
             "processing_mode": {
                 "request_header_mode": "SEND",  # SKIP would let headers leave before the target is set
@@ -283,10 +302,10 @@ def _attempts_cluster(message_timeout: float) -> dict[str, Any]:
         },
     }
     return {
-        "name": api.ATTEMPTS_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": api.ATTEMPTS_CLUSTER, "endpoints": [{"lb_endpoints": [{
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
             "endpoint": {"address": {"envoy_internal_address": {"server_listener_name": api.DISPATCH_LISTENER}}},
         }]}]},
         "transport_socket": {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
@@ -305,13 +324,17 @@ def _attempts_cluster(message_timeout: float) -> dict[str, Any]:
     }
 
 
-def _extproc_cluster(port: int) -> dict[str, Any]:
+def _extproc_cluster(worker: int, ports: tuple[int, ...]) -> dict[str, Any]:
+    """Worker `worker` first; the others, in turn, only while the ones before them are unhealthy."""
+    name = api.extproc_cluster(worker)
+    rotated = ports[worker:] + ports[:worker]
     return {
-        "name": api.EXTPROC_CLUSTER,
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": api.EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [{
-            "endpoint": {"address": _socket("127.0.0.1", port)}}]}]},
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"priority": priority, "lb_endpoints": [{"endpoint": {"address": _socket("127.0.0.1", port)}}]}
+            for priority, port in enumerate(rotated)]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},

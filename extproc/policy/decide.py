@@ -5,6 +5,9 @@ each failure class (a status rule, timeouts, connection failures) has its own st
 own count of retries; the wait is the larger of the backoff (when its `apply_to` matches the next
 target) and the remaining block on the next target (a Retry-After it sent); a Retry-After longer
 than `max_retry_after_seconds` is never waited on: the target is blocked and the request fails over.
+Delayed retries to one target are paced (`Pacer`). A key pool (`access_keys`) is walked first:
+a 429/401/403 rests or retires the key and the request moves to the next key at once, with or
+without a policy; only an exhausted pool becomes a failure of the target.
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ from dataclasses import dataclass
 
 from controlplane.config.runtime import Policy, Rule, Target
 from controlplane.config.schema import Backoff, BackoffApplyTo, BlockApplyTo, Strategy
-from extproc.policy.blocks import Blocks
+from controlplane.state.table import FOREVER, KeyState, StateTable
 from extproc.policy.classify import ErrorType, Outcome
+from extproc.policy.pacing import Pacer
 from extproc.policy.selection import first_available, next_target
 from extproc.policy.state import RequestState
 
 __all__ = ["Decision", "Deliver", "GiveUp", "Retry", "backoff_delay", "first_target", "next_attempt"]
+
+KEY_RULE = "key"  # label of a retry with the pool's next key (counted against no rule)
+KEY_REST_DEFAULT = 60.0  # seconds a key rests after a 429 without Retry-After
+KEY_REST_MIN = 1.0  # `Retry-After: 0` must not make the same key come straight back
+PACING = Backoff()  # the gap between paced retries when a policy sets no backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +44,13 @@ class Retry:
 class Deliver:
     """Hand the provider's response to the client as it is."""
 
+    until_last_byte: bool = False  # follow the body to its end: latency is measured at the last byte
+
 
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     status: int
-    reason: str  # "max_attempts" | "no_candidates" | "budget" | "all_blocked" | "no_retry_policy"
+    reason: str  # "max_attempts" | "no_candidates" | "budget" | "all_blocked" | "no_retry_policy" | "keys_…"
     retry_after: int | None = None  # seconds, for a 429
 
 
@@ -53,49 +64,69 @@ def backoff_delay(backoff: Backoff, retry_number: int, rng: random.Random) -> fl
     return delay * (0.5 + rng.random() / 2) if backoff.jitter else delay
 
 
-def first_target(primary: Target, order: Sequence[Target], blocks: Blocks, now: float) -> Target | GiveUp:
-    """The first attempt's target: the primary unless a global block says otherwise (then fail over)."""
-    if primary.policy is None or blocks.until(primary, now) <= now:
-        return primary
-    for candidate in order:
-        if blocks.until(candidate, now) <= now:
+def first_target(primary: Target, order: Sequence[Target], table: StateTable, now: float) -> Target | GiveUp:
+    """The first attempt's target: the primary unless a global block says otherwise (then fail over).
+
+    Without a policy only the primary's own key pool can stop it: there is nowhere to fail over to.
+    """
+    if primary.policy is None:
+        return primary if table.pool_until(primary, now) <= now else _pool_exhausted(primary, table, now)
+    everything = (primary, *order)
+    for candidate in everything:
+        if table.until(candidate, now) <= now:
             return candidate
-    remaining = min(blocks.until(t, now) for t in (primary, *order)) - now
+    remaining = min(table.until(t, now) for t in everything) - now
+    if remaining == FOREVER:
+        return GiveUp(502, "keys_unauthorized")
     return GiveUp(429, "all_blocked", math.ceil(remaining))
 
 
 def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target], *, now: float,
-                 blocks: Blocks, rng: random.Random) -> Decision:
-    """Decide after the current attempt ended with `outcome`. Records Retry-After blocks.
+                 table: StateTable, pacer: Pacer, rng: random.Random) -> Decision:
+    """Decide after the current attempt ended with `outcome`. Records blocks and key states.
 
-    `order` is the primary's failover order (`Gateway.order`); `blocks` the global table.
+    `order` is the primary's failover order (`Gateway.order`); `table` the worker's shared state.
     """
     policy = state.primary.policy
     attempt = state.current
     if outcome.ok or attempt is None:
         return DELIVER
+    failed = attempt.target
+    pool: GiveUp | None = None  # set when this attempt used up the target's key pool
+    if failed.pooled and outcome.error_type in (ErrorType.RATE_LIMITED, ErrorType.AUTH):
+        _rest_key(failed, attempt.key, outcome, table, now)
+        if table.usable_key(failed, now) is not None:
+            return Retry(failed, 0.0, KEY_RULE)
+        pool = _pool_exhausted(failed, table, now)
+        # the pool's rest is in the table: no Retry-After block on the whole target
+        outcome = Outcome(pool.status, outcome.error_type)
     if policy is None:
+        if pool is not None:
+            return pool
         # no provider answer to pass through: say what happened instead of Envoy's text
         unanswered = outcome.error_type in (ErrorType.TIMEOUT, ErrorType.CONNECTION)
         return GiveUp(outcome.status, "no_retry_policy") if unanswered else DELIVER
     rule = _rule_for(policy, outcome)
     if rule is None:
-        return DELIVER
-    failed = attempt.target
+        return pool or DELIVER
     handling = policy.retry_after
     if outcome.retry_after is not None and outcome.retry_after > 0:
-        table = blocks if handling.apply_to is BlockApplyTo.GLOBAL else state.blocks
-        table.add(handling.scope, failed, now + outcome.retry_after, f"retry_after {outcome.status}")
+        blocks = table if handling.apply_to is BlockApplyTo.GLOBAL else state.blocks
+        blocks.add(handling.scope, failed, now + outcome.retry_after, f"retry_after {outcome.status}")
 
     def blocked_until(target: Target) -> float:
-        return max(blocks.until(target, now), state.blocks.until(target, now))
+        return max(table.until(target, now), state.blocks.until(target, now))
 
     def available(target: Target) -> bool:
         return blocked_until(target) <= now
 
+    def give_up(reason: str) -> GiveUp:
+        decision = _give_up(outcome, reason, everything, blocked_until, now)
+        return GiveUp(decision.status, pool.reason, decision.retry_after) if pool else decision
+
     everything = (state.primary, *order)
     if state.retries_for(rule.label) >= rule.max_attempts:
-        return _give_up(outcome, "max_attempts", everything, blocked_until, now)
+        return give_up("max_attempts")
     tried = state.tried()
     if rule.strategy is Strategy.SAME_MODEL:
         if blocked_until(failed) - now <= handling.max_retry_after_seconds:
@@ -105,13 +136,35 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
     else:
         chosen = next_target(rule.strategy, failed, everything, tried, available)
     if chosen is None:
-        return _give_up(outcome, "no_candidates", everything, blocked_until, now)
+        return give_up("no_candidates")
     wait = max(0.0, blocked_until(chosen) - now)
     if policy.backoff is not None and _backoff_applies(policy.backoff.apply_to, failed, chosen):
         wait = max(wait, backoff_delay(policy.backoff, state.attempt_number, rng))
+    if wait > 0:  # a delayed retry: take its turn behind the other requests retrying this target
+        wait += pacer.delay(chosen.key, now + wait)
     if policy.max_retry_duration is not None and now + wait - state.started > policy.max_retry_duration:
-        return _give_up(outcome, "budget", everything, blocked_until, now)
+        return give_up("budget")
+    if wait > 0:
+        pacer.take(chosen.key, now + wait, policy.backoff or PACING, rng)
     return Retry(chosen, wait, rule.label)
+
+
+def _rest_key(target: Target, index: int, outcome: Outcome, table: StateTable, now: float) -> None:
+    """A 429 rests the key for its Retry-After; a 401/403 retires it until the config is reloaded."""
+    key = target.keys[index]
+    if outcome.error_type is ErrorType.RATE_LIMITED:
+        rest = KEY_REST_DEFAULT if outcome.retry_after is None else max(outcome.retry_after, KEY_REST_MIN)
+        table.record(KeyState(target.key, key.id, key.hint, now + rest, False, outcome.status))
+    else:
+        table.record(KeyState(target.key, key.id, key.hint, 0.0, True, outcome.status))
+
+
+def _pool_exhausted(target: Target, table: StateTable, now: float) -> GiveUp:
+    """No key of the pool is usable: 429 until the first one rests out, or 502 when all were rejected."""
+    until = table.pool_until(target, now)
+    if until == FOREVER:
+        return GiveUp(502, "keys_unauthorized")
+    return GiveUp(429, "keys_rate_limited", math.ceil(until - now))
 
 
 def _rule_for(policy: Policy, outcome: Outcome) -> Rule | None:
@@ -132,11 +185,10 @@ def _backoff_applies(apply_to: BackoffApplyTo, failed: Target, chosen: Target) -
 
 def _give_up(outcome: Outcome, reason: str, everything: Sequence[Target], blocked_until: Callable[[Target], float],
              now: float) -> GiveUp:
+    soonest = min(blocked_until(t) for t in everything) - now
+    if 0 < soonest < FOREVER:  # every candidate is blocked: come back when the first one frees up
+        return GiveUp(429, reason, math.ceil(soonest))
     retry_after = None
-    if outcome.error_type is ErrorType.RATE_LIMITED:
-        remaining = [blocked_until(t) - now for t in everything]
-        if all(r > 0 for r in remaining):
-            retry_after = math.ceil(min(remaining))  # every target is rate-limited: when the first frees up
-        elif outcome.retry_after:
-            retry_after = math.ceil(outcome.retry_after)
+    if outcome.error_type is ErrorType.RATE_LIMITED and outcome.retry_after:
+        retry_after = math.ceil(outcome.retry_after)
     return GiveUp(outcome.status, reason, retry_after)

@@ -17,6 +17,8 @@ _REASONS = {
     "budget": "the retry time budget would be exceeded",
     "all_blocked": "every configured model is blocked by Retry-After",
     "no_retry_policy": "this model has no retry_policy",
+    "keys_rate_limited": "all configured keys are rate-limited",
+    "keys_unauthorized": "all configured keys were rejected by the provider (401/403)",
 }
 
 

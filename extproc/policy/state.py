@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controlplane.config.runtime import Target
-from extproc.policy.blocks import Blocks
+from controlplane.state.table import Blocks
 from extproc.policy.classify import Outcome
 
 __all__ = ["Attempt", "RequestState"]
@@ -18,6 +18,7 @@ __all__ = ["Attempt", "RequestState"]
 class Attempt:
     target: Target
     started: float  # monotonic, when the attempt was sent
+    key: int = 0  # index into target.keys
     outcome: Outcome | None = None  # None until its response (or reset) is seen
     retried_by: str | None = None  # label of the rule that retried after it
 

@@ -118,7 +118,7 @@ model_providers:
 
 
 def test_dead_extproc_gives_clean_503_then_recovers(stack, providers) -> None:
-    extproc_pid = stack.status()["processes"]["extproc"]["pid"]
+    extproc_pid = stack.status()["processes"]["extproc-0"]["pid"]
     os.kill(extproc_pid, signal.SIGKILL)
     failures: list[httpx.Response] = []
     deadline = time.monotonic() + 20
@@ -136,8 +136,8 @@ def test_dead_extproc_gives_clean_503_then_recovers(stack, providers) -> None:
         assert failure.status_code == 503
         assert _error(failure)["type"] == "gateway_unavailable"
     status = stack.status()
-    assert status["processes"]["extproc"]["restarts"] >= 1
-    assert status["processes"]["extproc"]["pid"] != extproc_pid
+    assert status["processes"]["extproc-0"]["restarts"] >= 1
+    assert status["processes"]["extproc-0"]["pid"] != extproc_pid
 
 
 def test_dispatch_without_routing_header_is_a_clear_400(tmp_path: Path, providers) -> None:
@@ -149,10 +149,10 @@ def test_dispatch_without_routing_header_is_a_clear_400(tmp_path: Path, provider
 listeners: [{{type: model, port: {free_port()}}}]
 model_providers: [{{model: a/x, base_url: "{providers['a'].url}", access_key: k-0123456789ab}}]
 """)
-    bootstrap = render_envoy(loaded.gateway, Ports(admin=free_port(), extproc=free_port()), str(tmp_path))
+    bootstrap = render_envoy(loaded.gateway, Ports(admin=free_port(), extproc=(free_port(),)), str(tmp_path))
     probe_port = free_port()
     resources = bootstrap["static_resources"]
-    probe_cluster = json.loads(json.dumps(next(c for c in resources["clusters"] if c["name"] == "sidestep_attempts")))
+    probe_cluster = json.loads(json.dumps(next(c for c in resources["clusters"] if c["name"] == "sidestep_attempts_0")))
     probe_cluster["name"] = "probe"
     probe_cluster["load_assignment"]["cluster_name"] = "probe"
     del probe_cluster["typed_extension_protocol_options"]  # no ext_proc on this path

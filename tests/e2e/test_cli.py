@@ -172,7 +172,7 @@ def test_render_prints_envoy_config_without_keys(tmp_path: Path) -> None:
                       'access_key: sk-secret-abcdefghijkl}]')
     bootstrap = json.loads(run_cli("render", str(config)).stdout)
     names = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
-    assert "sidestep_attempts" in names and "sidestep_extproc" in names
+    assert "sidestep_attempts_0" in names and "sidestep_extproc_0" in names
     assert "sk-secret" not in json.dumps(bootstrap)
 
 

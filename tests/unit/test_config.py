@@ -119,10 +119,11 @@ model_providers:
     gpt4o, mini, claude, groq, llama = gateway.targets.values()
     assert gpt4o.upstream is mini.upstream  # one cluster per endpoint
     assert gpt4o.upstream.tls and gpt4o.upstream.port == 443 and gpt4o.upstream.authority == "api.openai.com"
-    assert gpt4o.credentials == (("authorization", "Bearer sk-aaaaaaaaaaaaaaaa"),)
-    assert claude.credentials == (("x-api-key", "sk-bbbbbbbbbbbbbbbb"),)
+    assert [k.headers for k in gpt4o.keys] == [(("authorization", "Bearer sk-aaaaaaaaaaaaaaaa"),)]
+    assert [k.headers for k in claude.keys] == [(("x-api-key", "sk-bbbbbbbbbbbbbbbb"),)]
+    assert not gpt4o.pooled and "sk-aaaaaaaaaaaaaaaa" not in repr(gpt4o.keys)
     assert ("anthropic-version", "2023-06-01") in claude.extra_headers
-    assert llama.upstream.host == "127.0.0.1" and llama.credentials == () and llama.key_hint == "passthrough"
+    assert llama.upstream.host == "127.0.0.1" and llama.keys == () and llama.key_hint == "passthrough"
     assert gpt4o.key_hint == "sk-a…aa"
     assert (gpt4o.attempt_timeout, mini.attempt_timeout) == (12.0, 3.0)
     assert gateway.resolve("smart") is gpt4o
@@ -174,7 +175,7 @@ model_providers:
       fallback_models: [a/two, z/none]
       on_status_codes: [{codes: ["500-504"]}, {codes: [502, 503]}]
       backoff: {apply_to: same_provider}
-      on_high_latency: {threshold_ms: 1000}
+      on_high_latency: {threshold_ms: 1000, apply_to: request, strategy: same_model}
   - {model: a/two, base_url: "http://127.0.0.1:1"}
 """)
     warnings = [str(w) for w in loaded.warnings]
@@ -186,7 +187,8 @@ model_providers:
     assert any(w.startswith(f"{here}.fallback_models[0]: same provider") for w in warnings)
     assert any(w.startswith(f"{here}.fallback_models[1]: 'z/none' is not a configured") for w in warnings)
     assert any(w.startswith(f"{here}.backoff.apply_to: same_provider never matches") for w in warnings)
-    assert any(w.startswith(f"{here}.on_high_latency") for w in warnings)
+    assert any(w.startswith(f"{here}.on_high_latency.apply_to: request has no effect") for w in warnings)
+    assert any(w.startswith(f"{here}.on_high_latency.strategy: ignored") for w in warnings)
 
 
 def test_plano_legacy_llm_providers() -> None:

@@ -12,10 +12,11 @@ import pytest
 
 from controlplane.config import Gateway, parse_config
 from controlplane.config.schema import BlockScope
-from extproc.policy.blocks import Blocks
+from controlplane.state.table import StateTable
 from extproc.policy.classify import ErrorType, Outcome, classify, parse_retry_after
 from extproc.policy.decide import Deliver, GiveUp, Retry, backoff_delay, first_target, next_attempt
 from extproc.policy.errors import exhausted
+from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
 
 RNG = random.Random(7)
@@ -40,7 +41,8 @@ class Run:
     def __init__(self, gw: Gateway, primary: str = "a/one") -> None:
         self.gw = gw
         self.now = 100.0
-        self.blocks = Blocks()
+        self.table = StateTable()
+        self.pacer = Pacer()
         target = gw.targets[primary]
         self.state = RequestState(primary=target, started=self.now, client_path="/v1/chat/completions",
                                   client_credentials=(), next_target=target)
@@ -49,7 +51,7 @@ class Run:
     def fail(self, outcome: Outcome):
         self.state.current.outcome = outcome
         decision = next_attempt(self.state, outcome, self.gw.order(self.state.primary), now=self.now,
-                                blocks=self.blocks, rng=RNG)
+                                table=self.table, pacer=self.pacer, rng=RNG)
         if isinstance(decision, Retry):
             self.state.current.retried_by = decision.rule
             self.now += decision.wait
@@ -177,13 +179,13 @@ def test_too_long_retry_after_blocks_and_fails_over() -> None:
                       "      retry_after_handling: {max_retry_after_seconds: 10}"))
     decision = run.fail(Outcome(429, ErrorType.RATE_LIMITED, 60.0))
     assert decision.target.key == "a/two" and decision.wait == 0
-    assert run.blocks.until(run.gw.targets["a/one"], run.now) == pytest.approx(160.0)
+    assert run.table.blocks.until(run.gw.targets["a/one"], run.now) == pytest.approx(160.0)
 
 
 def test_request_scoped_blocks_stay_in_the_request() -> None:
     run = Run(gateway("      retry_after_handling: {apply_to: request, scope: provider}"))
     run.fail(Outcome(429, ErrorType.RATE_LIMITED, 30.0))
-    assert run.blocks.active(run.now) == []
+    assert run.table.blocks.active(run.now) == []
     assert run.state.blocks.until(run.gw.targets["a/two"], run.now) > run.now  # provider scope
 
 
@@ -214,7 +216,7 @@ def test_everything_rate_limited_gives_429_with_the_shortest_block() -> None:
 
 def test_first_attempt_skips_globally_blocked_targets() -> None:
     gw = gateway("      fallback_models: [c/four]")
-    blocks = Blocks()
+    blocks = StateTable()
     one, four = gw.targets["a/one"], gw.targets["c/four"]
     assert first_target(one, gw.order(one), blocks, 0) is one
     blocks.add(BlockScope.MODEL, one, 10.0, "retry_after 429")

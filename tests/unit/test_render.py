@@ -28,7 +28,7 @@ model_providers:
 
 
 def rendered(log_dir: str = "/var/log/sidestep") -> dict:
-    return render_envoy(parse_config(CONFIG, {}).gateway, Ports(admin=9901, extproc=9902), log_dir,
+    return render_envoy(parse_config(CONFIG, {}).gateway, Ports(admin=9901, extproc=(9902, 9903)), log_dir,
                         ca_bundle="/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -59,7 +59,7 @@ def test_required_settings() -> None:
     retry = route["retry_policy"]
     assert "reset" in retry["retry_on"] and "rate_limited_retry_back_off" not in retry
     assert retry["num_retries"] > 2
-    attempts = clusters["sidestep_attempts"]
+    attempts = clusters["sidestep_attempts_0"]
     assert attempts["circuit_breakers"]["thresholds"][0]["max_retries"] >= 100_000
     ext_proc = attempts["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]["typed_config"]
@@ -78,5 +78,5 @@ def test_required_settings() -> None:
 def test_hash_is_content_based() -> None:
     one, two = rendered(), rendered()
     assert one["node"]["metadata"]["config_hash"] == two["node"]["metadata"]["config_hash"] == config_hash(one)
-    other = render_envoy(parse_config(CONFIG.replace("20s", "21s"), {}).gateway, Ports(9901, 9902), "/x")
+    other = render_envoy(parse_config(CONFIG.replace("20s", "21s"), {}).gateway, Ports(9901, (9902, 9903)), "/x")
     assert other["node"]["metadata"]["config_hash"] != config_hash(one)

@@ -1,0 +1,5 @@
+import sys
+
+from controlplane.state.service import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The control plane's state service: the authoritative table, and the relay between workers.
+
+Usage: `python -m controlplane.state --port N --config-hash H` (the supervisor starts it).
+Each worker holds one `Sync` stream: it says Hello with everything it knows, receives a
+snapshot, then reports each new fact; every fact that changes the table is passed on to the
+other workers. A worker too slow to keep up is disconnected; it reconnects and catches up
+from a fresh snapshot, so no fact is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from controlplane.state.codec import clock_offset, from_proto, to_proto
+from controlplane.state.table import Fact, StateTable
+from controlplane.state.v1 import state_pb2 as pb
+from controlplane.state.v1 import state_pb2_grpc as pb_grpc
+
+__all__ = ["StateService", "main", "serve"]
+
+log = logging.getLogger("sidestep.state")
+QUEUE_LIMIT = 10_000
+
+
+@dataclass(eq=False)
+class _Peer:
+    worker: str
+    pid: int
+    connected_at: float  # Unix
+    queue: asyncio.Queue[pb.Fact | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+    reported: int = 0
+
+
+class StateService(pb_grpc.StateServicer):
+    def __init__(self, config_hash: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config_hash = config_hash
+        self.clock = clock
+        self.table = StateTable()
+        self.peers: dict[int, _Peer] = {}
+        self._ids = itertools.count()
+
+    async def Sync(self, request_iterator: AsyncIterator[pb.Report],  # noqa: N802 - gRPC name
+                   context: aio.ServicerContext) -> AsyncIterator[pb.Update]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Sync stream starts with Hello")
+        hello = first.hello
+        if hello.config_hash != self.config_hash:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"config {hello.config_hash} is not the control plane's {self.config_hash}")
+        peer = _Peer(hello.worker, hello.pid, time.time())
+        pid = next(self._ids)
+        offset = clock_offset()
+        self._relay(self.table.load(self._decode(hello.known, offset)), offset, source=None)
+        self.peers[pid] = peer
+        log.info("worker %s (pid %d) connected; %d facts known to it", peer.worker, peer.pid, len(hello.known))
+        reader = asyncio.create_task(self._read(request_iterator, peer))
+        try:
+            yield pb.Update(snapshot=self.snapshot())
+            while True:
+                fact = await peer.queue.get()
+                if fact is None:
+                    return  # fell behind: it reconnects and catches up from a snapshot
+                yield pb.Update(fact=fact)
+        finally:
+            reader.cancel()
+            self.peers.pop(pid, None)
+            log.info("worker %s (pid %d) disconnected", peer.worker, peer.pid)
+
+    async def Get(self, request: pb.SnapshotRequest, context: aio.ServicerContext) -> pb.Snapshot:  # noqa: N802
+        return self.snapshot()
+
+    def snapshot(self) -> pb.Snapshot:
+        offset = clock_offset()
+        return pb.Snapshot(
+            facts=[to_proto(f, offset) for f in self.table.export(self.clock())],
+            workers=[pb.Worker(id=p.worker, pid=p.pid, connected_at=p.connected_at, reported=p.reported)
+                     for p in self.peers.values()],
+            now=time.time(),
+        )
+
+    async def _read(self, reports: AsyncIterator[pb.Report], peer: _Peer) -> None:
+        try:
+            async for report in reports:
+                if not report.HasField("fact"):
+                    continue
+                peer.reported += 1
+                offset = clock_offset()
+                fact = from_proto(report.fact, offset)
+                if fact is not None and self.table.apply(fact):
+                    self._relay([fact], offset, source=peer)
+        except (aio.AioRpcError, asyncio.CancelledError):
+            pass
+
+    def _relay(self, facts: list[Fact], offset: float, source: _Peer | None) -> None:
+        for fact in facts:
+            message = to_proto(fact, offset)
+            for peer in list(self.peers.values()):
+                if peer is source:
+                    continue
+                try:
+                    peer.queue.put_nowait(message)
+                except asyncio.QueueFull:
+                    log.warning("worker %s fell %d facts behind; resyncing it", peer.worker, QUEUE_LIMIT)
+                    peer.queue = asyncio.Queue(1)
+                    peer.queue.put_nowait(None)
+
+    @staticmethod
+    def _decode(messages: list[pb.Fact], offset: float) -> list[Fact]:
+        return [f for f in (from_proto(m, offset) for m in messages) if f is not None]
+
+
+async def serve(port: int, config_hash: str) -> None:
+    server = aio.server()
+    pb_grpc.add_StateServicer_to_server(StateService(config_hash), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    log.info("state service on 127.0.0.1:%d (config %s)", port, config_hash)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controlplane.state", description=__doc__)
+    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--config-hash", required=True, help="workers with another config are refused")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(args.port, args.config_hash))
+    return 0
