@@ -64,11 +64,11 @@ def _reset_providers(providers: dict[str, MockProvider]) -> None:
         mock.script()
 
 
-def start_stack(tmp: Path, config: str, port: int) -> Stack:
+def start_stack(tmp: Path, config: str, port: int, *up_args: str) -> Stack:
     path = tmp / "sidestep.yaml"
     path.write_text(config)
     home = tmp / "home"
-    run_cli("--home", str(home), "up", str(path))
+    run_cli("--home", str(home), "up", str(path), *up_args)
     return Stack(home=home, url=f"http://127.0.0.1:{port}", client=httpx.Client())
 
 
@@ -77,9 +77,9 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """`make_stack(config_template)`: `{port}` in the template becomes a free listener port."""
     stacks: list[Stack] = []
 
-    def make(template: str, **values: object) -> Stack:
+    def make(template: str, *up_args: str, **values: object) -> Stack:
         port = free_port()
-        stack = start_stack(tmp_path_factory.mktemp("stack"), template.format(port=port, **values), port)
+        stack = start_stack(tmp_path_factory.mktemp("stack"), template.format(port=port, **values), port, *up_args)
         stacks.append(stack)
         return stack
 
