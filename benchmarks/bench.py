@@ -1,11 +1,12 @@
 """sidestep vs plain Envoy, side by side in one run, on a fast local upstream.
 
-    python benchmarks/bench.py [--duration 10] [--connections 16,64]
+    python benchmarks/bench.py [--duration 10] [--connections 16,64] [--workers N]
 
 Starts (all on 127.0.0.1): a fast upstream (Envoy direct_response behind a buffer filter, so
 connections stay alive; one port answers 200, another 429), a plain Envoy proxy to it, and a
 sidestep stack (`sidestep up`). wrk posts a 1.1 KB chat body. Printed per scenario: requests/s,
-p50/p99 latency, sidestep/plain ratios, and the ext_proc's CPU time per attempt.
+p50/p99 latency, sidestep/plain ratios, and the ext_proc workers' CPU time per attempt (all
+workers together; the control plane's state service is listed apart).
 
 Scenarios: `happy` (one attempt per request) and `failover` (the primary answers 429, every
 request fails over once: two attempts). Not a test: numbers depend on the machine.
@@ -42,6 +43,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
     parser.add_argument("--connections", default="16,64", help="wrk connections, comma-separated")
+    parser.add_argument("--workers", type=int, help="ext_proc workers (default: sidestep's own default)")
     args = parser.parse_args()
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="sidestep-bench-"))
@@ -52,17 +54,20 @@ def main() -> int:
         procs.append(start_envoy(upstream_config(ok_port, limited_port), work / "upstream.json", concurrency=1))
         config = work / "sidestep.yaml"
         config.write_text(SIDESTEP_CONFIG.format(port=listen_port, ok=ok_port, limited=limited_port))
-        subprocess.run([sys.executable, "-m", "controlplane", "--home", str(home), "up", str(config)], check=True,
-                       stdout=subprocess.DEVNULL)
+        workers = ["--workers", str(args.workers)] if args.workers else []
+        subprocess.run([sys.executable, "-m", "controlplane", "--home", str(home), "up", str(config), *workers],
+                       check=True, stdout=subprocess.DEVNULL)
         concurrency = json.loads((home / "run" / "stack.json").read_text())["envoy_concurrency"]
         # plain Envoy gets the same worker count as sidestep's Envoy: the same share of the machine
         procs.append(start_envoy(plain_config(plain_port, ok_port), work / "plain.json", concurrency=concurrency))
         wait_ready(f"http://127.0.0.1:{plain_port}/v1/chat/completions")
-        extproc_pid = json.loads((home / "run" / "children.json").read_text())["extproc"]["pid"]
-        envoy_pid = json.loads((home / "run" / "children.json").read_text())["envoy"]["pid"]
+        children = json.loads((home / "run" / "children.json").read_text())
+        extproc_pids = [c["pid"] for name, c in children.items() if name.startswith("extproc")]
+        envoy_pid, state_pid = children["envoy"]["pid"], children["state"]["pid"]
 
-        print(f"sidestep benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {concurrency} (both), wrk -t1, "
-              f"{args.duration}s per run, {len(BODY)} B body; everything shares this machine\n")
+        print(f"sidestep benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {concurrency} (both), "
+              f"{len(extproc_pids)} ext_proc worker(s), wrk -t1, {args.duration}s per run, {len(BODY)} B body; "
+              f"everything shares this machine\n")
         print(f"{'scenario':34s} {'conns':>5s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}"
               f"  {'ext_proc CPU/attempt':>20s}")
         for conns in [int(c) for c in args.connections.split(",")]:
@@ -70,14 +75,15 @@ def main() -> int:
                             args.duration)
             report("plain Envoy → upstream", conns, plain)
             for name, model, attempts in (("happy", "bench/ok", 1), ("failover", "bench/limited", 2)):
-                cpu0 = cpu_seconds(extproc_pid), cpu_seconds(envoy_pid)
+                cpu0 = sum(map(cpu_seconds, extproc_pids)), cpu_seconds(envoy_pid), cpu_seconds(state_pid)
                 result = run_wrk(wrk, work, f"http://127.0.0.1:{listen_port}/v1/chat/completions", model, conns,
                                  args.duration)
-                cpu1 = cpu_seconds(extproc_pid), cpu_seconds(envoy_pid)
+                cpu1 = sum(map(cpu_seconds, extproc_pids)), cpu_seconds(envoy_pid), cpu_seconds(state_pid)
                 per_attempt = (cpu1[0] - cpu0[0]) / max(1, result["requests"] * attempts) * 1e6
                 envoy_per_request = (cpu1[1] - cpu0[1]) / max(1, result["requests"]) * 1e6
                 report(f"sidestep {name} ({attempts} attempt{'s' * (attempts > 1)})", conns, result,
-                       f"{per_attempt:6.0f} µs (Envoy {envoy_per_request:.0f} µs/req)")
+                       f"{per_attempt:6.0f} µs (Envoy {envoy_per_request:.0f} µs/req, "
+                       f"state service {cpu1[2] - cpu0[2]:.2f} s)")
                 print(f"{'':34s} {'':>5s} ratio to plain Envoy: rps {result['rps'] / plain['rps']:.2f}, "
                       f"p50 {result['p50'] / plain['p50']:.1f}×, p99 {result['p99'] / plain['p99']:.1f}×")
             print()
