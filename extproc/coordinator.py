@@ -42,11 +42,11 @@ class Coordinator:
     """Owns in-flight request state, the worker's replica of the shared state (`table`) and its
     retry pacing. Usage: see `extproc.servicer`."""
 
-    def __init__(self, gateway: Gateway, *, table: StateTable | None = None, origin: str = "local",
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, state_ttl: float = 900.0) -> None:
+    def __init__(self, gateway: Gateway, *, origin: str = "local", clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 state_ttl: float = 900.0) -> None:
         self.gateway = gateway
-        self.table = table or StateTable()
+        self.table = StateTable()  # kept in sync with the other workers by a `Replica`, when there is one
         self.pacer = Pacer()
         self.clock = clock
         self.wall_clock = wall_clock
