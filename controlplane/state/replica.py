@@ -50,7 +50,7 @@ class Replica:
     async def run(self) -> None:
         """Stay in sync until cancelled."""
         delay = 0.2
-        warned = False
+        failures = 0
         while True:
             try:
                 async with aio.insecure_channel(self.address) as channel:
@@ -60,16 +60,16 @@ class Replica:
                         if update.HasField("snapshot"):
                             self.table.load(f for f in (from_proto(m, offset) for m in update.snapshot.facts) if f)
                             self.synced.set()
-                            delay, warned = 0.2, False
+                            delay, failures = 0.2, 0
                             log.info("worker %s synced with the state service (%d facts)",
                                      self.worker, len(update.snapshot.facts))
                         elif (fact := from_proto(update.fact, offset)) is not None:
                             self.table.apply(fact)
             except aio.AioRpcError as exc:
-                if not warned:
+                failures += 1
+                if failures == 3:  # not the first miss: at start-up the service may be a moment behind
                     log.warning("state service %s unavailable (%s); serving with local state, retrying",
                                 self.address, exc.code().name)
-                    warned = True
             finally:
                 self._outbox = None
                 self.synced.clear()
