@@ -95,13 +95,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     source, text = _read_config(args.config)
     loaded = parse_config(text, source=source)
     _print_warnings(loaded)
+    workers, concurrency = _workers(args.workers), _envoy_concurrency()  # bad values fail before a restart
     if rundir.supervisor_pid() is not None:
         print("sidestep is running; restarting it with the new config")
         _stop(rundir)
     listener = loaded.gateway.listener
     _check_port_free(listener.address, listener.port)
     rundir.ensure()
-    workers = _workers(args.workers)
     ports = Ports(admin=free_port(), extproc=tuple(free_port() for _ in range(workers)))
     rundir.config.write_text(text)  # the stack runs this copy; editing the file needs another `up`
     rundir.config.chmod(0o600)  # it may hold literal keys
@@ -113,7 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         state_port=free_port(), extproc_ports=list(ports.extproc),
         config_hash=bootstrap["node"]["metadata"]["config_hash"], models=list(loaded.gateway.targets),
         key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in loaded.gateway.targets.values() if t.pooled},
-        envoy_concurrency=_envoy_concurrency(),
+        envoy_concurrency=concurrency,
     )
     rundir.write_stack(stack)
     for name in LOG_NAMES:
@@ -216,22 +216,29 @@ def _read_config(path: str | None) -> tuple[str, str]:
 def _envoy_concurrency() -> int:
     """Envoy worker threads: the cores the ext_proc does not need. On a 2-core machine two Envoy
     workers fighting the Python ext_proc for CPU halved throughput (benchmarks/bench.py)."""
-    configured = os.environ.get("SIDESTEP_ENVOY_CONCURRENCY")
-    if configured:
-        return max(1, int(configured))
-    return max(1, (os.cpu_count() or 2) - 1)
+    return _count("SIDESTEP_ENVOY_CONCURRENCY", None, default=max(1, (os.cpu_count() or 2) - 1))
 
 
 def _workers(requested: int | None) -> int:
     """ext_proc worker processes: one per two cores by default (each is one Python process, and
     Envoy and the providers' traffic need CPU too); $SIDESTEP_WORKERS or --workers to choose."""
-    if requested is None and os.environ.get("SIDESTEP_WORKERS"):
-        requested = int(os.environ["SIDESTEP_WORKERS"])
-    if requested is not None:
-        if not 1 <= requested <= 64:
-            raise StackError(f"--workers must be between 1 and 64, not {requested}")
-        return requested
-    return max(1, (os.cpu_count() or 2) // 2)
+    return _count("SIDESTEP_WORKERS", requested, default=max(1, (os.cpu_count() or 2) // 2), flag="--workers")
+
+
+def _count(variable: str, given: int | None, *, default: int, flag: str | None = None) -> int:
+    """A process count from a flag, else the environment, else `default`; 1 to 64."""
+    where = flag or variable
+    if given is None and os.environ.get(variable):
+        where = f"${variable}"
+        try:
+            given = int(os.environ[variable])
+        except ValueError:
+            raise StackError(f"{where} must be a whole number, not {os.environ[variable]!r}") from None
+    if given is None:
+        return default
+    if not 1 <= given <= 64:
+        raise StackError(f"{where} must be between 1 and 64, not {given}")
+    return given
 
 
 def _print_warnings(loaded: LoadedConfig) -> None:

@@ -156,16 +156,22 @@ class Coordinator:
         attempt.outcome = outcome
         decision = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
                                 table=self.table, pacer=self.pacer, rng=self.rng)
-        key = attempt.target.keys[attempt.key].hint if attempt.target.keys else attempt.target.key_hint
         if isinstance(decision, Retry):
             attempt.retried_by = decision.rule
             state.next_target = decision.target
             state.not_before = now + decision.wait
             log.info("retry request=%s attempt=%d model=%s key=%s outcome=%s status=%d -> model=%s wait=%.3fs "
-                     "rule=%s", request_id, state.attempt_number, attempt.target.key, key, outcome.error_type,
+                     "rule=%s", request_id, state.attempt_number, attempt.target.key, _hint(attempt), outcome.error_type,
                      outcome.status, decision.target.key, decision.wait, decision.rule)
         elif isinstance(decision, GiveUp):
             log.info("give_up request=%s attempts=%d model=%s key=%s outcome=%s status=%d reason=%s",
-                     request_id, state.attempt_number, attempt.target.key, key, outcome.error_type, outcome.status,
+                     request_id, state.attempt_number, attempt.target.key, _hint(attempt), outcome.error_type,
+                     outcome.status,
                      decision.reason)
         return decision
+
+
+def _hint(attempt: Attempt) -> str:
+    """The masked key an attempt used, for logs."""
+    target = attempt.target
+    return target.keys[attempt.key].hint if target.keys else target.key_hint

@@ -52,7 +52,7 @@ class Replies:
                 self._static[(target.key, index)] = (
                     sets + [header(k, v) for k, v in key.headers],
                     removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent])
-        self._delivered: dict[tuple[str, int], pb.ProcessingResponse] = {}
+        self._delivered: dict[tuple[str, int, bool], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
@@ -71,15 +71,18 @@ class Replies:
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))))
 
-    def delivered(self, target: Target, attempts: int) -> pb.ProcessingResponse:
-        """Response-headers reply for a response the client gets: which model, after how many attempts."""
-        key = (target.key, attempts)
+    def delivered(self, target: Target, attempts: int, *, until_last_byte: bool = False) -> pb.ProcessingResponse:
+        """Response-headers reply for a response the client gets: which model, after how many attempts.
+        `until_last_byte`: also stream the body through us, so its last byte can be timed."""
+        key = (target.key, attempts, until_last_byte)
         reply = self._delivered.get(key)
         if reply is None:
             reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(set_headers=[
                     header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key),
                     self.worker]))))
+            if until_last_byte:
+                reply.mode_override.response_body_mode = _STREAMED
             if len(self._delivered) < 4096:
                 self._delivered[key] = reply
         return reply

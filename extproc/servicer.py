@@ -88,18 +88,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
         attempts = plan.state.attempt_number
         if isinstance(decision, Deliver):
-            if not decision.until_last_byte or headers.end_of_stream:
-                await context.write(self.replies.delivered(plan.target, attempts))
-                if headers.end_of_stream and decision.until_last_byte:
-                    self.coordinator.response_complete(plan.state)
-                return
-            await context.write(self.replies.delivered_until_last_byte(plan.target, attempts))
-            while (message := await context.read()) is not aio.EOF and message.HasField("response_body"):
-                if message.response_body.end_of_stream:
-                    self.coordinator.response_complete(plan.state)  # before the client gets the last byte
-                await context.write(Replies.CONTINUE_BODY)
-                if message.response_body.end_of_stream:
-                    return
+            follow = decision.until_last_byte and not headers.end_of_stream
+            await context.write(self.replies.delivered(plan.target, attempts, until_last_byte=follow))
+            if decision.until_last_byte:
+                await self._follow_to_last_byte(context, plan, ended=headers.end_of_stream)
         elif isinstance(decision, GiveUp):
             await context.write(self.replies.error(exhausted(plan.state, decision), attempts))
         elif isinstance(decision, Retry):
@@ -110,6 +102,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             message = await context.read()
             if message is not aio.EOF and message.HasField("response_body"):
                 await context.write(self.replies.retry("response_body"))
+
+    async def _follow_to_last_byte(self, context: aio.ServicerContext, plan: AttemptPlan, *, ended: bool) -> None:
+        """Pass the streamed body on chunk by chunk; time the response at its last byte, before the
+        client gets it."""
+        if ended:  # a response without a body
+            self.coordinator.response_complete(plan.state)
+            return
+        while (message := await context.read()) is not aio.EOF and message.HasField("response_body"):
+            last = message.response_body.end_of_stream
+            if last:
+                self.coordinator.response_complete(plan.state)
+            await context.write(Replies.CONTINUE_BODY)
+            if last:
+                return
 
 
 def _scan_request(headers: pb.HttpHeaders) -> tuple[str, int, str, tuple[tuple[str, str], ...], int]:

@@ -4,13 +4,14 @@ included); tables use their own monotonic clock, so every conversion takes the o
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from controlplane.config.runtime import LatencyRule
 from controlplane.config.schema import BlockScope
 from controlplane.state.table import FOREVER, Block, Fact, KeyState, SlowResponse
 from controlplane.state.v1 import state_pb2 as pb
 
-__all__ = ["clock_offset", "from_proto", "to_proto"]
+__all__ = ["clock_offset", "from_proto", "from_protos", "to_proto"]
 
 
 def clock_offset() -> float:
@@ -31,6 +32,11 @@ def to_proto(fact: Fact, offset: float) -> pb.Fact:
     until = 0.0 if fact.until in (0.0, FOREVER) else fact.until + offset
     return pb.Fact(key=pb.KeyState(pool=fact.pool, key_id=fact.key_id, hint=fact.hint, until=until,
                                    unauthorized=fact.unauthorized, status=fact.status))
+
+
+def from_protos(messages: Iterable[pb.Fact], offset: float) -> list[Fact]:
+    """The facts this version understands, in order."""
+    return [f for f in (from_proto(m, offset) for m in messages) if f is not None]
 
 
 def from_proto(message: pb.Fact, offset: float) -> Fact | None:

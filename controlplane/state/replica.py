@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from grpc import aio
 
-from controlplane.state.codec import clock_offset, from_proto, to_proto
+from controlplane.state.codec import clock_offset, from_proto, from_protos, to_proto
 from controlplane.state.table import Fact, StateTable
 from controlplane.state.v1 import state_pb2 as pb
 from controlplane.state.v1 import state_pb2_grpc as pb_grpc
@@ -35,7 +35,6 @@ class Replica:
         self.worker = worker
         self.config_hash = config_hash
         self.clock = clock
-        self.synced = asyncio.Event()  # set while connected and caught up
         self._outbox: asyncio.Queue[pb.Fact] | None = None  # None while disconnected
         table.on_record = self._report
 
@@ -58,8 +57,7 @@ class Replica:
                     async for update in call:
                         offset = clock_offset()
                         if update.HasField("snapshot"):
-                            self.table.load(f for f in (from_proto(m, offset) for m in update.snapshot.facts) if f)
-                            self.synced.set()
+                            self.table.load(from_protos(update.snapshot.facts, offset))
                             delay, failures = 0.2, 0
                             log.info("worker %s synced with the state service (%d facts)",
                                      self.worker, len(update.snapshot.facts))
@@ -72,7 +70,6 @@ class Replica:
                                 self.address, exc.code().name)
             finally:
                 self._outbox = None
-                self.synced.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

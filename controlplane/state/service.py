@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
-from controlplane.state.codec import clock_offset, from_proto, to_proto
+from controlplane.state.codec import clock_offset, from_proto, from_protos, to_proto
 from controlplane.state.table import Fact, StateTable
 from controlplane.state.v1 import state_pb2 as pb
 from controlplane.state.v1 import state_pb2_grpc as pb_grpc
@@ -62,7 +62,7 @@ class StateService(pb_grpc.StateServicer):
         peer = _Peer(hello.worker, hello.pid, time.time())
         pid = next(self._ids)
         offset = clock_offset()
-        self._relay(self.table.load(self._decode(hello.known, offset)), offset, source=None)
+        self._relay(self.table.load(from_protos(hello.known, offset)), offset, source=None)
         self.peers[pid] = peer
         log.info("worker %s (pid %d) connected; %d facts known to it", peer.worker, peer.pid, len(hello.known))
         reader = asyncio.create_task(self._read(request_iterator, peer))
@@ -115,10 +115,6 @@ class StateService(pb_grpc.StateServicer):
                     log.warning("worker %s fell %d facts behind; resyncing it", peer.worker, QUEUE_LIMIT)
                     peer.queue = asyncio.Queue(1)
                     peer.queue.put_nowait(None)
-
-    @staticmethod
-    def _decode(messages: list[pb.Fact], offset: float) -> list[Fact]:
-        return [f for f in (from_proto(m, offset) for m in messages) if f is not None]
 
 
 async def serve(port: int, config_hash: str) -> None:

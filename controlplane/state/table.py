@@ -179,9 +179,6 @@ class StateTable:
                 return index
         return None
 
-    def key_states(self) -> list[KeyState]:
-        return list(self._keys.values())
-
     # ---- exchanging it
 
     def export(self, now: float) -> list[Fact]:

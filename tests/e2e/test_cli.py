@@ -166,6 +166,19 @@ model_providers: [{{model: a/x, base_url: "http://127.0.0.1:9", access_key: k-01
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
+def test_up_refuses_bad_process_counts_clearly(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text('model_providers: [{model: a/x, base_url: "http://127.0.0.1:9", access_key: k-0123456789ab}]')
+    home = ("--home", str(tmp_path / "home"))
+    result = run_cli(*home, "up", str(config), "--workers", "0", check=False)
+    assert result.returncode == 1 and "--workers must be between 1 and 64, not 0" in result.stderr
+    result = run_cli(*home, "up", str(config), check=False, env={"SIDESTEP_WORKERS": "two"})
+    assert result.returncode == 1 and "$SIDESTEP_WORKERS must be a whole number, not 'two'" in result.stderr
+    result = run_cli(*home, "up", str(config), check=False, env={"SIDESTEP_ENVOY_CONCURRENCY": "0"})
+    assert result.returncode == 1 and "$SIDESTEP_ENVOY_CONCURRENCY must be between 1 and 64" in result.stderr
+    assert not (tmp_path / "home" / "run" / "supervisor.pid").exists()  # nothing was started
+
+
 def test_render_prints_envoy_config_without_keys(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text('model_providers: [{model: a/x, base_url: "http://127.0.0.1:9", '
