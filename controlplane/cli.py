@@ -13,13 +13,15 @@ import time
 from collections import deque
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from controlplane.config import LoadedConfig, load_config, parse_config
 from controlplane.config.schema import SidestepConfig
 from controlplane.errors import ConfigError, ConfigIssue, SidestepError, StackError
-from controlplane.render.envoy import Ports, render_envoy
-from controlplane.rundir import RunDir, StackInfo, free_port, pid_alive
+from controlplane.render.envoy import Sockets, render_envoy
+from controlplane.rundir import RunDir, StackInfo, pid_alive, private_umask, write_private
 from controlplane.status import collect_status, format_status, healthz
+from controlplane.supervisor import envoy_binary
 
 __all__ = ["main"]
 
@@ -89,51 +91,111 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """Check that the new config can start before touching a running stack; if the new stack still
+    fails to come up, bring the previous one back and say exactly what failed."""
     if args.docker:
         raise StackError("--docker is not available yet: run `sidestep up` for local processes")
+    private_umask()
     rundir = RunDir(args.home)
     source, text = _read_config(args.config)
     loaded = parse_config(text, source=source)
     _print_warnings(loaded)
     workers, concurrency = _workers(args.workers), _envoy_concurrency()  # bad values fail before a restart
-    if rundir.supervisor_pid() is not None:
-        print("sidestep is running; restarting it with the new config")
-        _stop(rundir)
+    running = rundir.read_stack() if rundir.supervisor_pid() is not None else None
     listener = loaded.gateway.listener
-    _check_port_free(listener.address, listener.port)
+    if running is None or (running.listener_address, running.listener_port) != (listener.address, listener.port):
+        _check_port_free(listener.address, listener.port)
     rundir.ensure()
-    ports = Ports(admin=free_port(), extproc=tuple(free_port() for _ in range(workers)))
-    rundir.config.write_text(text)  # the stack runs this copy; editing the file needs another `up`
-    rundir.config.chmod(0o600)  # it may hold literal keys
-    bootstrap = render_envoy(loaded.gateway, ports, str(rundir.logs))
-    rundir.envoy_config.write_text(json.dumps(bootstrap, indent=1))
-    host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
-    stack = StackInfo(
-        config_source=str(source), listener_url=f"http://{host}:{listener.port}", admin_port=ports.admin,
-        state_port=free_port(), extproc_ports=list(ports.extproc),
-        config_hash=bootstrap["node"]["metadata"]["config_hash"], models=list(loaded.gateway.targets),
-        key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in loaded.gateway.targets.values() if t.pooled},
-        envoy_concurrency=concurrency,
-    )
-    rundir.write_stack(stack)
-    for name in LOG_NAMES:
-        rundir.log(name).write_text("")
-    command = [sys.executable, "-m", "controlplane.supervisor", str(rundir.home)]
+    stack, bootstrap = _plan_stack(rundir, loaded, str(source), workers, concurrency)
+    _validate_with_envoy(rundir, bootstrap)
     if args.foreground:
+        if running is not None:
+            print("sidestep is running; stopping it to run in the foreground")
+            _stop(rundir)
+        _install(rundir, text, bootstrap, stack)
         print(f"sidestep starting in the foreground on {stack.listener_url} (Ctrl-C stops it)")
         from controlplane.supervisor import main as supervise
 
         return supervise([str(rundir.home)])
-    with open(rundir.log("supervisor"), "ab") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    _wait_healthy(rundir, stack, process, args.timeout)
+    if running is not None:
+        print("sidestep is running; restarting it with the new config")
+        rundir.keep_previous()
+        _stop(rundir)
+    _install(rundir, text, bootstrap, stack)
+    try:
+        _start(rundir, stack, args.timeout)
+    except StackError as failure:
+        if running is None or not rundir.restore_previous():
+            raise
+        previous = rundir.read_stack()
+        assert previous is not None
+        try:
+            _start(rundir, previous, args.timeout, fresh_logs=False)  # keep what the failed one logged
+        except StackError as again:
+            raise StackError(f"{failure}\n\nThe previous config did not come back either:\n{again}") from None
+        raise StackError(f"{failure}\n\nThe previous config ({previous.config_source}) is serving again on "
+                         f"{previous.listener_url}.") from None
     print(f"sidestep is up on {stack.listener_url}  ({len(stack.models)} models: {', '.join(stack.models)}; "
           f"{workers} ext_proc worker{'s' if workers > 1 else ''})")
     print(f"  config: {source}")
     print(f"  logs:   {rundir.logs}  (`sidestep logs`)")
     print("  stop:   sidestep down")
     return 0
+
+
+def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
+                concurrency: int) -> tuple[StackInfo, dict[str, Any]]:
+    gateway = loaded.gateway
+    listener = gateway.listener
+    sockets = Sockets(admin=str(rundir.socket("admin")),
+                      extproc=tuple(str(rundir.socket(f"extproc-{w}")) for w in range(workers)))
+    bootstrap = render_envoy(gateway, sockets, str(rundir.logs))
+    host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
+    host = f"[{host}]" if ":" in host else host
+    stack = StackInfo(
+        config_source=source, listener_url=f"http://{host}:{listener.port}", listener_address=listener.address,
+        listener_port=listener.port, admin_socket=sockets.admin, state_socket=str(rundir.socket("state")),
+        extproc_sockets=list(sockets.extproc), config_hash=bootstrap["node"]["metadata"]["config_hash"],
+        models=list(gateway.targets),
+        key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in gateway.targets.values() if t.pooled},
+        envoy_concurrency=concurrency,
+        gateway_keys=[[k.name, k.hint] for k in gateway.client_keys.values()],
+    )
+    return stack, bootstrap
+
+
+def _validate_with_envoy(rundir: RunDir, bootstrap: dict[str, Any]) -> None:
+    """Envoy's own verdict on the rendered config, before anything running is stopped."""
+    candidate = rundir.run / "envoy.next.json"
+    write_private(candidate, json.dumps(bootstrap, indent=1))
+    try:
+        result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(candidate), "-l", "error",
+                                 "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
+    finally:
+        candidate.unlink(missing_ok=True)
+    if result.returncode != 0:
+        detail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise StackError(f"Envoy rejects the rendered config (nothing was changed):\n{detail}")
+
+
+def _install(rundir: RunDir, text: str, bootstrap: dict[str, Any], stack: StackInfo) -> None:
+    """The files the supervisor runs from."""
+    write_private(rundir.config, text)  # the stack runs this copy; editing the file needs another `up`
+    write_private(rundir.envoy_config, json.dumps(bootstrap, indent=1))
+    rundir.write_stack(stack)
+
+
+def _start(rundir: RunDir, stack: StackInfo, timeout: float, *, fresh_logs: bool = True) -> None:
+    """Start the supervisor for the installed stack and wait until it is healthy."""
+    rundir.children_file.unlink(missing_ok=True)  # a crashed stack's counts must not judge this one
+    for name in LOG_NAMES:
+        if fresh_logs or not rundir.log(name).exists():
+            write_private(rundir.log(name), "")
+    command = [sys.executable, "-m", "controlplane.supervisor", str(rundir.home)]
+    with open(rundir.log("supervisor"), "ab") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    _wait_healthy(rundir, stack, process, timeout)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -195,7 +257,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
-    print(json.dumps(render_envoy(loaded.gateway, Ports(admin=9901, extproc=(9902,)), "logs"), indent=1))
+    rundir = RunDir(args.home)
+    sockets = Sockets(admin=str(rundir.socket("admin")), extproc=(str(rundir.socket("extproc-0")),))
+    print(json.dumps(render_envoy(loaded.gateway, sockets, str(rundir.logs)), indent=1))
     return 0
 
 
@@ -247,7 +311,7 @@ def _print_warnings(loaded: LoadedConfig) -> None:
 
 
 def _check_port_free(address: str, port: int) -> None:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address, port))
@@ -262,9 +326,10 @@ def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[by
         if process.poll() is not None:
             raise StackError(f"sidestep failed to start:\n{_tails(rundir)}")
         children = rundir.read_children()
-        if children and any(c["restarts"] > 2 for c in children.values()):
+        crashing = [name for name, c in children.items() if c["restarts"] > 2]
+        if crashing:
             _stop(rundir)
-            raise StackError(f"sidestep failed to start (a process keeps crashing):\n{_tails(rundir)}")
+            raise StackError(f"sidestep failed to start: {', '.join(crashing)} keeps crashing:\n{_tails(rundir)}")
         if healthz(stack.listener_url) == 200:
             return
         time.sleep(0.1)

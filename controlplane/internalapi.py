@@ -16,6 +16,23 @@ WORKER_HEADER = "x-sidestep-worker"  # which ext_proc worker handled the request
 
 # Credential headers a client may send; none of them reach a provider unless passthrough_auth.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+# A gateway key sent beside the client's own provider key; never reaches a provider.
+GATEWAY_KEY_HEADER = "x-sidestep-key"
+
+# The API surface sidestep serves. Only these paths (after Envoy normalized them: dot segments,
+# encoded dots, duplicate slashes) reach a provider; everything else is a 404 from sidestep.
+PROXIED_ENDPOINTS = (  # POST, a JSON body with a "model"
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
+MODELS_PATH = "/v1/models"  # GET; answered by sidestep itself (only the models a gateway key may use)
 
 # Envoy's names.
 def extproc_cluster(worker: int) -> str:

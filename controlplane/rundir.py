@@ -2,47 +2,118 @@
 
     run/config.yaml      the config the stack runs (a copy: editing your file does nothing until `up`)
     run/envoy.json       Envoy's rendered bootstrap
-    run/stack.json       ports, listener, config hash; written by `up`
-    run/children.json    the supervisor's view of its children (pids, restarts)
+    run/stack.json       sockets, listener, config hash; written by `up`
+    run/children.json    the supervisor's view of its children (pids, restarts, last exit)
     run/supervisor.pid
+    run/previous/        the last stack that served, kept by `up` to bring it back if a new one fails
+    run/*.sock           the local control ports: Envoy's admin, the ext_proc workers, the state service
     logs/{supervisor,state,extproc,envoy,access}.log   (all ext_proc workers write extproc.log)
+
+Only the user who runs sidestep can read any of it: directories are 0700 and files 0600 from the
+moment they are created (`private_umask`), since the config may hold keys and the sockets hand
+out keys (ext_proc) or accept facts that steer traffic (state service).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
-from dataclasses import asdict, dataclass
+import stat
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "StackInfo", "free_port", "pid_alive"]
+from controlplane.errors import StackError
+
+__all__ = ["RunDir", "StackInfo", "free_port", "pid_alive", "private_umask", "write_private"]
+
+PREVIOUS_FILES = ("config.yaml", "envoy.json", "stack.json")
+_SUN_PATH_MAX = 100  # a Unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux)
 
 
 @dataclass(frozen=True)
 class StackInfo:
     config_source: str  # the file the user passed (or "built-in defaults")
     listener_url: str
-    admin_port: int
-    state_port: int  # the control plane's state service
-    extproc_ports: list[int]  # one per ext_proc worker
+    listener_address: str
+    listener_port: int
+    admin_socket: str
+    state_socket: str  # the control plane's state service
+    extproc_sockets: list[str]  # one per ext_proc worker
     config_hash: str
     models: list[str]
     key_pools: dict[str, list[list[str]]]  # target → [key id, masked hint] in pool order
     envoy_concurrency: int
+    gateway_keys: list[list[str]] = field(default_factory=list)  # [name, masked hint]
+
+
+def private_umask() -> None:
+    """From here on this process (and its children) create files 0600 and directories 0700."""
+    os.umask(0o077)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, readable by this user only from the first byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 class RunDir:
     def __init__(self, home: str | Path | None = None) -> None:
-        self.home = Path(home or os.environ.get("SIDESTEP_HOME") or Path.home() / ".sidestep")
+        self.home = Path(home or os.environ.get("SIDESTEP_HOME") or Path.home() / ".sidestep").absolute()
         self.run = self.home / "run"
         self.logs = self.home / "logs"
+        self.previous = self.run / "previous"
 
     def ensure(self) -> RunDir:
-        self.run.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        """Create (or tighten) the home, run and log directories: 0700."""
+        for directory in (self.home, self.run, self.logs, self.previous):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        if self.sockets != self.run:
+            self.sockets.mkdir(mode=0o700, exist_ok=True)
+            self._check_private(self.sockets)
         return self
+
+    @property
+    def sockets(self) -> Path:
+        """Where the stack's Unix sockets live: the run directory, unless its path is too long for a
+        socket address; then a 0700 directory of this user's in the temp dir, named after the home."""
+        if len(str(self.run / "extproc-00.sock")) <= _SUN_PATH_MAX:
+            return self.run
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"sidestep-{os.getuid()}-{digest}"
+
+    def socket(self, name: str) -> Path:
+        return self.sockets / f"{name}.sock"
+
+    def _check_private(self, directory: Path) -> None:
+        """A directory in the shared temp dir must be ours and private: someone else could have made it."""
+        info = os.lstat(directory)
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077 or not stat.S_ISDIR(info.st_mode):
+            raise StackError(f"{directory} is not a private directory of this user; remove it, or use a "
+                             f"shorter --home so the sockets fit in {self.run}")
+
+    def keep_previous(self) -> None:
+        """Remember the running stack's files, to bring it back should its replacement fail."""
+        for name in PREVIOUS_FILES:
+            if (self.run / name).exists():
+                shutil.copy2(self.run / name, self.previous / name)
+
+    def restore_previous(self) -> bool:
+        """Put the remembered stack's files back. False when there is none."""
+        if not all((self.previous / name).exists() for name in PREVIOUS_FILES):
+            return False
+        for name in PREVIOUS_FILES:
+            shutil.copy2(self.previous / name, self.run / name)
+        return True
 
     @property
     def config(self) -> Path:
@@ -110,9 +181,7 @@ def free_port() -> int:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_private(path, json.dumps(data, indent=2))
 
 
 def _read_json(path: Path) -> Any:

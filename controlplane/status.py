@@ -40,6 +40,7 @@ def collect_status(rundir: RunDir) -> dict[str, Any]:
         "config": stack.config_source if stack else None,
         "config_hash": stack.config_hash if stack else None,
         "models": stack.models if stack else [],
+        "gateway_keys": [{"name": n, "key": h} for n, h in stack.gateway_keys] if stack else [],
         "processes": {},
         "workers": [],
         "blocks": [],
@@ -51,15 +52,15 @@ def collect_status(rundir: RunDir) -> dict[str, Any]:
         return report
     report["healthy"] = healthz(stack.listener_url) == 200
     report["processes"] = rundir.read_children()
-    snapshot = _snapshot(stack.state_port)
+    snapshot = _snapshot(stack.state_socket)
     report["state_service"] = "up" if snapshot is not None else "unreachable"
     now = snapshot.now if snapshot is not None else time.time()
     facts = list(snapshot.facts) if snapshot is not None else []
     synced = {w.id: w for w in snapshot.workers} if snapshot is not None else {}
-    for w in range(len(stack.extproc_ports)):
+    for w in range(len(stack.extproc_sockets)):
         peer = synced.get(str(w))
         report["workers"].append({
-            "id": str(w), "port": stack.extproc_ports[w],
+            "id": str(w), "socket": stack.extproc_sockets[w],
             "pid": report["processes"].get(f"extproc-{w}", {}).get("pid"),
             "synced": peer is not None, "facts_reported": peer.reported if peer else 0,
         })
@@ -92,14 +93,18 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [f"sidestep is running on {report['listener']}: {health}",
              f"  config:  {report['config']} (hash {report['config_hash']})",
              f"  models:  {', '.join(report['models'])}",
+             "  gateway keys: " + (", ".join(f"{k['name']} ({k['key']})" for k in report["gateway_keys"])
+                                   or "none (no key required)"),
              "  processes:"]
     for name, child in report["processes"].items():
-        lines.append(f"    {name:10s} pid {child['pid'] or '-':<8} restarts {child['restarts']}")
+        state = f"pid {child['pid']:<8}" if child["pid"] else "DOWN (restarting)"
+        died = f" (last exit {child['last_exit']})" if child.get("last_exit") is not None else ""
+        lines.append(f"    {name:10s} {state} restarts {child['restarts']}{died}")
     state = report["state_service"]
     lines.append(f"  workers ({len(report['workers'])}, state service {state}):")
     for w in report["workers"]:
         sync = "synced" if w["synced"] else "NOT synced (serving on local state)"
-        lines.append(f"    worker {w['id']}  port {w['port']}  pid {w['pid'] or '-'}  {sync}, "
+        lines.append(f"    worker {w['id']}  pid {w['pid'] or '-'}  {sync}, "
                      f"{w['facts_reported']} facts reported")
     lines.append("  blocks:" if report["blocks"] else "  blocks:  none")
     for b in report["blocks"]:
@@ -120,9 +125,9 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _snapshot(port: int) -> pb.Snapshot | None:
+def _snapshot(socket_path: str) -> pb.Snapshot | None:
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
             return pb_grpc.StateStub(channel).Get(pb.SnapshotRequest(), timeout=2)
     except grpc.RpcError:
         return None

@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.rundir import RunDir, StackInfo
+from controlplane.rundir import RunDir, StackInfo, private_umask
 
 __all__ = ["Supervisor", "envoy_binary"]
 
 log = logging.getLogger("sidestep.supervisor")
 _PR_SET_PDEATHSIG = 1
+FIRST_RESTART = 0.05  # seconds before restarting a child that died; doubles while it keeps dying, up to 10 s
 
 
 def envoy_binary() -> str:
@@ -52,7 +53,8 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = 0.0
-    backoff: float = field(default=0.5)
+    backoff: float = field(default=FIRST_RESTART)
+    last_exit: int | None = None  # the exit status of its last run, when it died
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
@@ -80,14 +82,14 @@ class Supervisor:
         self.rundir = rundir
         self.stopping = False
         python = sys.executable
-        state = f"127.0.0.1:{stack.state_port}"
         self.children = [
-            Child("state", [python, "-m", "controlplane.state", "--port", str(stack.state_port),
+            Child("state", [python, "-m", "controlplane.state", "--socket", stack.state_socket,
                             "--config-hash", stack.config_hash], rundir.log("state")),
-            *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--port", str(port),
-                                     "--worker", str(w), "--state", state, "--config-hash", stack.config_hash],
+            *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--socket", path,
+                                     "--worker", str(w), "--state", stack.state_socket,
+                                     "--config-hash", stack.config_hash],
                     rundir.log("extproc"))
-              for w, port in enumerate(stack.extproc_ports)),
+              for w, path in enumerate(stack.extproc_sockets)),
             Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",
                             "--concurrency", str(stack.envoy_concurrency), "-l", "warning",
                             "--file-flush-interval-msec", "1000"], rundir.log("envoy")),
@@ -104,7 +106,7 @@ class Supervisor:
             self._publish()
             while not self.stopping:
                 self._watch()
-                time.sleep(0.2)
+                time.sleep(0.05)  # a dead ext_proc worker costs requests until it is back
         finally:
             for child in reversed(self.children):  # Envoy first: stop taking requests, then the workers
                 child.stop()
@@ -120,14 +122,16 @@ class Supervisor:
             process = child.process
             if process is not None and process.poll() is None:
                 if now - child.started_at > 30:
-                    child.backoff = 0.5  # it stayed up: the next crash restarts quickly again
+                    child.backoff = FIRST_RESTART  # it stayed up: the next crash restarts quickly again
                 continue
             if process is not None:
-                log.error("%s exited with %s; restarting in %.1fs (see %s)",
+                log.error("%s exited with %s; restarting in %.2fs (see %s)",
                           child.name, process.returncode, child.backoff, child.log_path)
                 child.process = None
+                child.last_exit = process.returncode
                 child.next_start = now + child.backoff
                 child.backoff = min(child.backoff * 2, 10.0)
+                changed = True
             if now >= child.next_start:
                 child.restarts += 1
                 child.start()
@@ -138,7 +142,7 @@ class Supervisor:
     def _publish(self) -> None:
         self.rundir.write_children({
             c.name: {"pid": c.process.pid if c.process and c.process.poll() is None else None,
-                     "restarts": c.restarts}
+                     "restarts": c.restarts, "last_exit": c.last_exit}
             for c in self.children
         })
 
@@ -149,6 +153,7 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    private_umask()  # the children's logs and sockets too
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     rundir = RunDir(args[0])

@@ -29,11 +29,27 @@ class ModelField:
 
 
 def find_model(body: bytes) -> ModelField:
-    """Walk the top-level object once; nested "model" keys (in messages, tools) are not touched."""
+    """Walk the top-level object once; nested "model" keys (in messages, tools) are not touched.
+
+    Raises `BadBody` for anything that is not one JSON object with at most one string "model":
+    whatever the client sent (any nesting depth, truncation, bad escapes), never another error."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadBody(f"request body is not UTF-8 (byte {exc.start})") from None
+    try:
+        return _walk(text, body)
+    except BadBody:
+        raise
+    except RecursionError:
+        raise BadBody("request body is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise BadBody(f"request body is not valid JSON: {exc.msg} (character {exc.pos})") from None
+    except ValueError:  # int() refuses numbers of more than 4300 digits
+        raise BadBody("request body is not valid JSON: a number is too long") from None
+
+
+def _walk(text: str, body: bytes) -> ModelField:
     n = len(text)
     i = _skip(text, 0)
     if i >= n or text[i] != "{":
@@ -50,13 +66,12 @@ def find_model(body: bytes) -> ModelField:
         if i >= n or text[i] != ":":
             raise BadBody(f"request body is not valid JSON (expected ':' at character {i})")
         i = _skip(text, i + 1)
-        try:
-            value, end = _decoder.raw_decode(text, i)
-        except json.JSONDecodeError as exc:
-            raise BadBody(f"request body is not valid JSON: {exc.msg} at character {exc.pos}") from None
+        value, end = _decoder.raw_decode(text, i)
         if key == "model":
             if not isinstance(value, str):
                 raise BadBody('"model" must be a string')
+            if found[1] >= 0:
+                raise BadBody('"model" appears more than once in the request body')
             found = (value, i, end)
         i = _skip(text, end)
         if i < n and text[i] == ",":

@@ -14,12 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controlplane.config.runtime import Gateway, Target
+from controlplane import apierrors
+from controlplane.apierrors import ApiError
+from controlplane.config.runtime import ClientKey, Gateway, Target
 from controlplane.state.table import SlowResponse, StateTable, block_name
+from extproc.auth import Credentials
 from extproc.body import BadBody, ModelField, find_model, replace_model
 from extproc.policy.classify import ErrorType, Outcome, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
-from extproc.policy.errors import ClientError, exhausted
+from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
 
@@ -55,13 +58,16 @@ class Coordinator:
         self.state_ttl = state_ttl
         self._trigger_ids = (f"{origin}.{n}" for n in itertools.count())
 
-    def begin_attempt(self, request_id: str, envoy_attempt: int, path: str,
-                      credentials: tuple[tuple[str, str], ...], body: bytes) -> AttemptPlan | ClientError:
-        """Called with each attempt's request body: where it goes, or the error that ends the request."""
+    def begin_attempt(self, request_id: str, envoy_attempt: int, path: str, credentials: Credentials, body: bytes,
+                      client: ClientKey | None = None) -> AttemptPlan | ApiError:
+        """Called with each attempt's request body: where it goes, or the error that ends the request.
+
+        `credentials`: the client's own (a gateway key already taken out); `client`: the gateway key
+        it authenticated with, when the gateway requires one."""
         now = self.clock()
         state = self.requests.get(request_id)
         if state is None or envoy_attempt <= 1:
-            return self._first_attempt(request_id, path, credentials, body, now)
+            return self._first_attempt(request_id, path, credentials, body, client, now)
         current = state.current
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.
@@ -112,22 +118,31 @@ class Coordinator:
             del self.requests[rid]
         return len(stale)
 
-    def _first_attempt(self, request_id: str, path: str, credentials: tuple[tuple[str, str], ...],
-                       body: bytes, now: float) -> AttemptPlan | ClientError:
+    def _first_attempt(self, request_id: str, path: str, credentials: Credentials, body: bytes,
+                       client: ClientKey | None, now: float) -> AttemptPlan | ApiError:
         try:
             field = find_model(body)
         except BadBody as exc:
-            return ClientError(400, "invalid_request_error", str(exc))
+            return apierrors.invalid_request(str(exc))
         primary = self.gateway.resolve(field.value)
+        allowed = client.models if client is not None else None  # None: every model
+        if client is not None and allowed is not None and primary is not None and primary.key not in allowed:
+            if field.value in self.gateway.names:  # asked for by name: it exists, but not for this key
+                return apierrors.forbidden(f"gateway key {client.name!r} may not use model {primary.key!r}; "
+                                           f"it may use: {', '.join(sorted(allowed))}")
+            primary = None  # the default model, which this key may not use
         if primary is None:
-            known = ", ".join(self.gateway.names) or "none"
+            known = ", ".join(self.gateway.names if allowed is None else sorted(allowed)) or "none"
             if field.value is None:
-                return ClientError(400, "invalid_request_error",
-                                   f'the request has no "model" and no default model is configured; '
-                                   f"models: {known}")
-            return ClientError(404, "model_not_found",
-                               f"model {field.value!r} is not configured and there is no default model; "
-                               f"models: {known}")
+                return apierrors.invalid_request(f'the request has no "model" and no default model is '
+                                                 f"configured; models: {known}")
+            return apierrors.model_not_found(f"model {field.value!r} is not configured and there is no "
+                                             f"default model; models: {known}")
+        if primary.passthrough_auth and client is not None and not credentials:
+            return apierrors.unauthenticated(
+                f"model {primary.key!r} forwards your own provider key (passthrough_auth), but the request "
+                f"carries only the gateway key: send the gateway key in x-sidestep-key and your provider key "
+                f"as your SDK's api_key")
         first = first_target(primary, self.gateway.order(primary), self.table, now)
         state = RequestState(primary=primary, started=now, client_path=path,
                              client_credentials=credentials, next_target=primary)
@@ -138,12 +153,12 @@ class Coordinator:
         return self._plan(state, body, now, field=field)
 
     def _plan(self, state: RequestState, body: bytes, now: float,
-              field: ModelField | None = None) -> AttemptPlan | ClientError:
+              field: ModelField | None = None) -> AttemptPlan | ApiError:
         target = state.next_target
         try:
             field = field or find_model(body)
         except BadBody as exc:  # cannot happen for a body that parsed on the first attempt
-            return ClientError(400, "invalid_request_error", str(exc))
+            return apierrors.invalid_request(str(exc))
         start = max(now, state.not_before)
         # the first usable key; should none be left (it rested during the wait), the first one
         key = (self.table.usable_key(target, start) or 0) if target.pooled else 0

@@ -7,14 +7,18 @@ and removes what another target may have set before it.
 
 from __future__ import annotations
 
+import json
+
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
+from controlplane import apierrors
 from controlplane import internalapi as api
-from controlplane.config.runtime import Gateway, Target
-from extproc.policy.errors import ClientError
+from controlplane.apierrors import Api, ApiError
+from controlplane.config.runtime import ClientKey, Gateway, Target
+from extproc.auth import Credentials
 
 __all__ = ["Replies"]
 
@@ -23,10 +27,9 @@ _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 
-def header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
-    )
+def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw), append_action=_OVERWRITE)
 
 
 class Replies:
@@ -36,6 +39,7 @@ class Replies:
     CONTINUE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
     def __init__(self, gateway: Gateway, worker: str = "0") -> None:
+        self.gateway = gateway
         targets = list(gateway.targets.values())
         extra_names = {name for t in targets for name, _ in t.extra_headers}
         self.worker = header(api.WORKER_HEADER, worker)
@@ -56,9 +60,10 @@ class Replies:
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
+        self._model_lists: dict[str | None, bytes] = {}  # by gateway key name (None: no key)
 
     def attempt(self, target: Target, key: int, path: str, body: bytes,
-                client_credentials: tuple[tuple[str, str], ...]) -> pb.ProcessingResponse:
+                client_credentials: Credentials) -> pb.ProcessingResponse:
         """The request-body reply that sends this attempt to `target` with key `key` and `body`."""
         sets, removes = self._static[(target.key, key)]
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
@@ -66,7 +71,7 @@ class Replies:
             sent = {k for k, _ in client_credentials}
             mutation.set_headers.extend(header(k, v) for k, v in client_credentials)
             mutation.remove_headers.extend(h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent)
-        mutation.set_headers.append(header(":path", target.upstream.path_for(path)))
+        mutation.set_headers.append(header(":path", target.upstream.path_for(path).encode("latin-1")))
         mutation.set_headers.append(header("content-length", str(len(body))))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))))
@@ -100,24 +105,38 @@ class Replies:
         reply.mode_override.response_body_mode = _BUFFERED
         return reply
 
-    def delivered_until_last_byte(self, target: Target, attempts: int) -> pb.ProcessingResponse:
-        """`delivered`, and stream the body through us so its last byte can be timed."""
-        reply = pb.ProcessingResponse()
-        reply.CopyFrom(self.delivered(target, attempts))
-        reply.mode_override.response_body_mode = _STREAMED
-        return reply
-
-    def error(self, error: ClientError, attempts: int) -> pb.ProcessingResponse:
-        """A final JSON error; from an upstream filter it is never retried."""
+    def error(self, error: ApiError, attempts: int, caller: Api) -> pb.ProcessingResponse:
+        """A final JSON error in the caller's API shape; from an upstream filter it is never retried."""
         sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts)), self.worker]
         if error.retry_after is not None:
             sets.append(header("retry-after", str(error.retry_after)))
+        return self._immediate(error.status, sets, error.body(caller), f"sidestep_{error.type}")
+
+    def models(self, path: str, client: ClientKey | None, caller: Api) -> pb.ProcessingResponse:
+        """`GET /v1/models` (the models this client may use) or `GET /v1/models/{id}`."""
+        allowed = client.models if client is not None else None
+        visible = [t for t in self.gateway.targets.values() if allowed is None or t.key in allowed]
+        if path.rstrip("/") == api.MODELS_PATH:
+            name = client.name if client is not None else None
+            body = self._model_lists.get(name)
+            if body is None:
+                body = self._model_lists[name] = json.dumps(
+                    {"object": "list", "data": [_model_object(t) for t in visible]}).encode()
+        else:
+            wanted = path[len(api.MODELS_PATH) + 1:]
+            target = self.gateway.names.get(wanted)
+            if target is None or (allowed is not None and target.key not in allowed):
+                return self.error(apierrors.model_not_found(f"model {wanted!r} is not configured"), 0, caller)
+            body = json.dumps(_model_object(target)).encode()
+        return self._immediate(200, [header("content-type", "application/json"), self.worker], body,
+                               "sidestep_models")
+
+    @staticmethod
+    def _immediate(status: int, sets: list[base_pb2.HeaderValueOption], body: bytes,
+                   details: str) -> pb.ProcessingResponse:
         return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=error.status),  # type: ignore[arg-type]
-            headers=pb.HeaderMutation(set_headers=sets),
-            body=error.body(),
-            details=f"sidestep_{error.type}",
-        ))
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=pb.HeaderMutation(set_headers=sets), body=body, details=details))
 
     @staticmethod
     def _retry_mark(phase: str) -> pb.ProcessingResponse:
@@ -126,3 +145,7 @@ class Replies:
         if phase == "response_headers":
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+
+def _model_object(target: Target) -> dict[str, str]:
+    return {"id": target.key, "object": "model", "owned_by": target.provider}

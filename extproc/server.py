@@ -1,7 +1,9 @@
 """Build and run one ext_proc worker.
 
-Usage: `python -m extproc --config FILE --port N [--worker ID --state HOST:PORT --config-hash H]`.
-With `--state` the worker keeps its shared-state replica in sync with the control plane.
+Usage: `python -m extproc --config FILE --socket PATH [--worker ID --state PATH --config-hash H]`.
+It listens on a Unix socket (in the stack's private run directory: whoever can connect to it is
+handed provider keys). With `--state` the worker keeps its shared-state replica in sync with the
+control plane.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Worker:
 
 
 def create_server(gateway: Gateway, address: str, worker: str = "0") -> Worker:
-    """An unstarted server bound to `address`, serving ext_proc and gRPC health."""
+    """An unstarted server bound to `address` (`unix:PATH`, or HOST:PORT in tests), serving ext_proc
+    and gRPC health."""
     # the whole request body travels in one message: allow the listener's limit plus framing
     limit = gateway.listener.max_request_body_bytes + (1 << 20)
     server = aio.server(options=[
@@ -50,8 +53,17 @@ def create_server(gateway: Gateway, address: str, worker: str = "0") -> Worker:
     pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(coordinator, worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(address)
+    bind(server, address)
     return Worker(server, coordinator, health_servicer)
+
+
+def bind(server: aio.Server, address: str) -> None:
+    """Listen on `address`; a Unix socket left behind by a previous process is replaced."""
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if os.path.exists(path):
+            os.unlink(path)
+    server.add_insecure_port(address)
 
 
 async def serve(gateway: Gateway, address: str, worker_id: str, state: str | None, config_hash: str) -> None:
@@ -84,9 +96,9 @@ async def serve(gateway: Gateway, address: str, worker_id: str, state: str | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
     parser.add_argument("--config", required=True, help="sidestep config file")
-    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
     parser.add_argument("--worker", default="0", help="this worker's id (logs, x-sidestep-worker)")
-    parser.add_argument("--state", help="the control plane's state service, HOST:PORT")
+    parser.add_argument("--state", help="the control plane's state service: its Unix socket")
     parser.add_argument("--config-hash", default="", help="must match the state service's")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -98,5 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidestep ext_proc: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 2
     # uvloop was measured here and made no difference: gRPC's own C-core and poller dominate
-    asyncio.run(serve(gateway, f"127.0.0.1:{args.port}", args.worker, args.state, args.config_hash))
+    state = f"unix:{args.state}" if args.state else None
+    asyncio.run(serve(gateway, f"unix:{args.socket}", args.worker, state, args.config_hash))
     return 0

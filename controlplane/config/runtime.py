@@ -27,6 +27,7 @@ from controlplane.config.schema import (
 __all__ = [
     "DEFAULT_RETRIABLE",
     "ApiKey",
+    "ClientKey",
     "Gateway",
     "LatencyRule",
     "ListenerSpec",
@@ -36,6 +37,8 @@ __all__ = [
     "Upstream",
     "compile_config",
     "expand_status_codes",
+    "key_digest",
+    "listener_ip",
     "mask_secret",
 ]
 
@@ -134,7 +137,7 @@ class LatencyRule:
 class Policy:
     """The retry policy of a primary target, compiled."""
 
-    candidates: tuple[str, ...]  # failover order after the primary: fallbacks, then config order
+    fallbacks: tuple[str, ...]  # fallback_models that are configured, in order (the rest follow in config order)
     status_rules: Mapping[int, Rule]  # explicit on_status_codes and the default retriable set
     timeout_rule: Rule
     connection_rule: Rule  # resets and refused connections
@@ -181,13 +184,23 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientKey:
+    """One of `gateway_keys`: who a client is, and which models it may request."""
+
+    name: str
+    hint: str  # masked, e.g. "sk-g…9f"
+    models: frozenset[str] | None  # target keys it may request; None: every model
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSpec:
     name: str
-    address: str
+    address: str  # an IP address (`localhost` resolved)
     port: int
     timeout: float | None
     attempt_timeout: float
     stream_idle_timeout: float
+    request_timeout: float
     max_request_body_bytes: int
 
 
@@ -199,11 +212,25 @@ class Gateway:
     targets: Mapping[str, Target]  # by key, in config order
     names: Mapping[str, Target]  # every name a client may request: key, alias, unique bare model id
     default: Target | None
-    orders: Mapping[str, tuple[Target, ...]]  # failover order after each primary that has a policy
+    # sha256 of each gateway key → who it is; empty: no key required. Looking a key up by its hash
+    # makes the lookup's timing independent of how much of a guess matches a real key.
+    client_keys: Mapping[bytes, ClientKey] = field(default_factory=dict)
+    _orders: dict[str, tuple[Target, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def order(self, primary: Target) -> tuple[Target, ...]:
-        """Where requests for `primary` fail over to: fallback_models, then the others in config order."""
-        return self.orders.get(primary.key, ())
+        """Where requests for `primary` fail over to: fallback_models, then the others in config order.
+
+        Built on first use and kept: compiling every primary's order up front would cost
+        n² for n providers with a policy."""
+        order = self._orders.get(primary.key)
+        if order is None:
+            if primary.policy is None:
+                return ()
+            fallbacks = [self.targets[k] for k in primary.policy.fallbacks]
+            skip = {primary.key, *primary.policy.fallbacks}
+            order = (*fallbacks, *(t for t in self.targets.values() if t.key not in skip))
+            self._orders[primary.key] = order
+        return order
 
     def resolve(self, requested: str | None) -> Target | None:
         """The target serving a requested model; the default target when it is missing or unknown."""
@@ -237,11 +264,12 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     spec = next(listener for listener in config.listeners if listener.type == "model")
     listener = ListenerSpec(
         name=spec.name,
-        address=spec.address,
+        address=listener_ip(spec.address),
         port=spec.port,
         timeout=spec.timeout,
         attempt_timeout=spec.attempt_timeout,
         stream_idle_timeout=spec.stream_idle_timeout,
+        request_timeout=spec.request_timeout,
         max_request_body_bytes=spec.max_request_body_bytes,
     )
     providers = config.providers()
@@ -253,10 +281,9 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         upstream = _upstream(entry, upstreams, local=local)
         target = _target(entry, upstream, listener, env, route_id=f"t{index}")
         targets[target.key] = target
-    all_keys = list(targets)
     for entry in providers:
         if entry.retry_policy is not None:
-            policy = _policy(entry.model, entry.retry_policy, all_keys, listener)
+            policy = _policy(entry.model, entry.retry_policy, targets, listener)
             targets[entry.model] = replace(targets[entry.model], policy=policy)
     ambiguous: set[str] = set()
     for entry in providers:
@@ -271,8 +298,23 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         if model_id not in ambiguous:
             names.setdefault(model_id, target)
     default = next((targets[p.model] for p in providers if p.default), None)
-    orders = {t.key: tuple(targets[k] for k in t.policy.candidates) for t in targets.values() if t.policy}
-    return Gateway(listener=listener, targets=targets, names=names, default=default, orders=orders)
+    client_keys = {
+        key_digest(expand_env(spec.key, env).encode()): ClientKey(
+            name=spec.name, hint=mask_secret(expand_env(spec.key, env)),
+            models=None if spec.models is None else frozenset(names[m].key for m in spec.models))
+        for spec in config.gateway_keys
+    }
+    return Gateway(listener=listener, targets=targets, names=names, default=default, client_keys=client_keys)
+
+
+def key_digest(secret: bytes) -> bytes:
+    """What a gateway key is looked up by (see `Gateway.client_keys`): the SHA-256 of its bytes."""
+    return hashlib.sha256(secret).digest()
+
+
+def listener_ip(address: str) -> str:
+    """The IP address a listener binds: `localhost` means 127.0.0.1 (Envoy does not resolve names)."""
+    return "127.0.0.1" if address == "localhost" else address
 
 
 def expand_env(value: str, env: Mapping[str, str]) -> str:
@@ -352,9 +394,8 @@ def _latency_rule(spec: HighLatency | None) -> LatencyRule | None:
                        window=spec.trigger_window_seconds, block_for=spec.block_duration_seconds, scope=spec.scope)
 
 
-def _policy(primary: str, spec: RetryPolicy, all_keys: list[str], listener: ListenerSpec) -> Policy:
-    fallbacks = [m for m in dict.fromkeys(spec.fallback_models) if m in all_keys and m != primary]
-    rest = [k for k in all_keys if k != primary and k not in fallbacks]
+def _policy(primary: str, spec: RetryPolicy, targets: Mapping[str, Target], listener: ListenerSpec) -> Policy:
+    fallbacks = [m for m in dict.fromkeys(spec.fallback_models) if m in targets and m != primary]
     default = Rule("default", spec.default_strategy, spec.default_max_attempts)
     status_rules: dict[int, Rule] = {code: default for code in DEFAULT_RETRIABLE}
     explicit: dict[int, Rule] = {}
@@ -380,7 +421,7 @@ def _policy(primary: str, spec: RetryPolicy, all_keys: list[str], listener: List
     if listener.timeout:
         budget = min(budget, listener.timeout) if budget else listener.timeout
     return Policy(
-        candidates=tuple(fallbacks + rest),
+        fallbacks=tuple(fallbacks),
         status_rules=status_rules,
         timeout_rule=timeout_rule,
         connection_rule=connection_rule,

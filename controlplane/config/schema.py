@@ -19,6 +19,7 @@ __all__ = [
     "BackoffApplyTo",
     "BlockApplyTo",
     "BlockScope",
+    "GatewayKey",
     "HighLatency",
     "Listener",
     "ModelProvider",
@@ -51,8 +52,27 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""Seconds; written in the file as `30s`, `500ms`, `2m`, `1h` or a number of seconds."""
+MAX_DURATION = 24 * 3600.0
+
+
+def parse_timeout(value: Any) -> float:
+    """A positive duration of at most a day (see `Timeout`)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than 0: a zero timeout means no limit, and a provider that never "
+                         "answers could then never be failed over")
+    if seconds > MAX_DURATION:
+        raise ValueError("must be at most 24h")
+    return seconds
+
+
+Timeout = Annotated[float, BeforeValidator(parse_timeout)]
+"""Seconds, written as `30s`, `500ms`, `2m`, `1h` or a number of seconds; at most a day. Positive: a zero timeout would silently mean "no limit" in Envoy, and a
+hung provider could then never be failed over."""
+
+MAX_REQUEST_BODY_BYTES = 1 << 30
+"""The largest request body sidestep accepts at all: the whole body travels to the ext_proc in one
+gRPC message, whose length is a signed 32-bit number."""
 
 
 class _Strict(BaseModel):
@@ -182,11 +202,11 @@ class ModelProvider(_Strict):
     """Without one, the provider's response passes through untouched."""
     routing_preferences: list[dict[str, Any]] | None = None
     """Plano's (deprecated) LLM routing hints; accepted and ignored."""
-    attempt_timeout: Duration | None = None
+    attempt_timeout: Timeout | None = None
     """sidestep: time to first response byte for one attempt (defaults to the listener's)."""
-    stream_idle_timeout: Duration | None = None
+    stream_idle_timeout: Timeout | None = None
     """sidestep: longest pause between two chunks of a response (defaults to the listener's)."""
-    connect_timeout: Duration = 5.0
+    connect_timeout: Timeout = 5.0
     """sidestep: TCP/TLS connect timeout to the provider."""
 
     @field_validator("model")
@@ -206,15 +226,23 @@ class Listener(_Strict):
     """sidestep serves `model` listeners; the others are accepted and ignored."""
     port: Annotated[int, Field(ge=1, le=65535)] = 12000
     address: str = "127.0.0.1"
-    timeout: Duration | None = None
+    """An IP address (`127.0.0.1`, `0.0.0.0`, `::1`) or `localhost`. Any address other than loopback
+    needs `gateway_keys`, or `allow_unauthenticated: true`."""
+    allow_unauthenticated: bool = False
+    """sidestep: serve a non-loopback address without `gateway_keys`: anyone who reaches the port
+    spends the provider keys."""
+    timeout: Timeout | None = None
     """Plano's listener timeout: the longest a client waits for its response to start, across all
     attempts and waits. Streams that have started are never cut by it."""
-    attempt_timeout: Duration = 30.0
+    attempt_timeout: Timeout = 30.0
     """sidestep: default time to first response byte for one attempt."""
-    stream_idle_timeout: Duration = 300.0
+    stream_idle_timeout: Timeout = 300.0
     """sidestep: default longest pause between two chunks of a response."""
-    max_request_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
-    """sidestep: larger request bodies get 413."""
+    request_timeout: Timeout = 60.0
+    """sidestep: the longest a client may take to send its whole request (headers and body); slower
+    clients get 408."""
+    max_request_body_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BODY_BYTES)] = 32 * 1024 * 1024
+    """sidestep: larger request bodies get 413 (at most 1 GiB)."""
     router: str | None = None
     max_retries: int | None = None
     agents: list[dict[str, Any]] | None = None
@@ -222,11 +250,25 @@ class Listener(_Strict):
     output_filters: list[str] | None = None
 
 
+class GatewayKey(_Strict):
+    """A key clients present to use the gateway (as their SDK's api_key)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    """Shown in logs and status instead of the key: letters, digits, `_`, `.`, `-`."""
+    key: str
+    """The key: a literal, or `$VAR` / `${VAR}` read from the environment."""
+    models: Annotated[list[str], Field(min_length=1)] | None = None
+    """The models (as configured `model` or `name`) this key may request; all when absent."""
+
+
 class SidestepConfig(_Strict):
     """A sidestep (or Plano v0.3.0) config file."""
 
     version: str = "v0.3.0"
     listeners: list[Listener] = [Listener()]
+    gateway_keys: list[GatewayKey] = []
+    """sidestep: when set, every request must carry one of these keys (`Authorization: Bearer`,
+    `x-api-key` or `x-sidestep-key`); none of them ever reaches a provider."""
     model_providers: list[ModelProvider] = []
     llm_providers: list[ModelProvider] | None = None
     """Plano's older name for `model_providers`."""

@@ -1,6 +1,6 @@
 """Render Envoy's bootstrap from a compiled `Gateway`: one pure function, versioned by content hash.
 
-Topology (see ARCHITECTURE.md):
+Topology (see docs/architecture.md):
 
     client ─► listener (HCM) ─► route /v1/… ─► cluster sidestep_attempts_<w> ─► internal listener dispatch
                  retries when the ext_proc marks      upstream filters:             routes by x-sidestep-target
@@ -27,26 +27,20 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane import apierrors
 from controlplane import internalapi as api
+from controlplane.apierrors import Api, ApiError
 from controlplane.config.runtime import Gateway, Target, Upstream
 
-__all__ = ["Ports", "config_hash", "render_envoy"]
+__all__ = ["Sockets", "config_hash", "render_envoy"]
 
 T = "type.googleapis.com/"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BIG = 1_000_000  # circuit-breaker limits we never want to hit before the provider does
+REQUEST_HEADERS_TIMEOUT = 10.0  # seconds a client may take to send its request headers
 
-# Every Envoy-generated error is JSON in the OpenAI error shape, with Envoy's reason in `code`.
-LOCAL_REPLY_FORMAT = {
-    "json_format": {
-        "error": {
-            "type": "gateway_error",
-            "message": "%LOCAL_REPLY_BODY%",
-            "code": "%RESPONSE_CODE_DETAILS%",
-        }
-    },
-    "content_type": "application/json",
-}
+# A CEL condition true for requests in Anthropic's API (their errors take Anthropic's shape).
+_ANTHROPIC_CALLER = f"request.path.startsWith('{apierrors.ANTHROPIC_PATH}')"
 
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
@@ -66,13 +60,18 @@ ACCESS_LOG_FORMAT = {
 
 
 @dataclass(frozen=True)
-class Ports:
-    admin: int
-    extproc: tuple[int, ...]  # one per ext_proc worker
+class Sockets:
+    """The Unix sockets of the stack's local control ports, inside its 0700 run directory: only
+    the stack's own user can reach Envoy's admin endpoint or the ext_proc workers."""
+
+    admin: str
+    extproc: tuple[str, ...]  # one per ext_proc worker
 
 
-def render_envoy(gateway: Gateway, ports: Ports, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
-    """The Envoy bootstrap as a dict (write it as JSON). Usage: `render_envoy(gw, Ports(9901, 9902), "logs")`.
+def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap as a dict (write it as JSON).
+
+    Usage: `render_envoy(gw, Sockets("/run/admin.sock", ("/run/extproc-0.sock",)), "logs")`.
 
     `ca_bundle`: trusted CAs for https providers; by default the system bundle when it exists.
     """
@@ -82,17 +81,17 @@ def render_envoy(gateway: Gateway, ports: Ports, log_dir: str, ca_bundle: str | 
     message_timeout = _longest_wait(gateway) + 10.0
     bootstrap: dict[str, Any] = {
         "node": {"id": "sidestep", "cluster": "sidestep"},
-        "admin": {"address": _socket("127.0.0.1", ports.admin)},
+        "admin": {"address": _pipe(sockets.admin)},
         "bootstrap_extensions": [{
             "name": "envoy.bootstrap.internal_listener",
             "typed_config": {"@type": T + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }],
         "static_resources": {
-            "listeners": [_outer_listener(gateway, len(ports.extproc), log_dir),
-                          _dispatch_listener(targets, gateway.listener.max_request_body_bytes)],
+            "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir),
+                          _dispatch_listener(targets, gateway)],
             "clusters": [
-                *(_attempts_cluster(w, message_timeout) for w in range(len(ports.extproc))),
-                *(_extproc_cluster(w, ports.extproc) for w in range(len(ports.extproc))),
+                *(_attempts_cluster(w, message_timeout) for w in range(len(sockets.extproc))),
+                *(_extproc_cluster(w, sockets.extproc) for w in range(len(sockets.extproc))),
                 *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
             ],
         },
@@ -132,9 +131,9 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         # rate_limited_retry_back_off is deliberately absent (it would add Retry-After twice).
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
     }
-    models = {"object": "list", "data": [
-        {"id": t.key, "object": "model", "owned_by": t.provider} for t in gateway.targets.values()
-    ]}
+    attempts = {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}
+    served = ", ".join(f"POST {path}" for path in api.PROXIED_ENDPOINTS)
+    unknown = apierrors.not_found(f"sidestep serves {served}, GET {api.MODELS_PATH} and GET {api.HEALTH_PATH}")
     virtual_host = {
         "name": "sidestep",
         "domains": ["*"],
@@ -142,28 +141,33 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "request_body_buffer_limit": spec.max_request_body_bytes,
         "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER],
         "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER],
+        # Only the API surface sidestep serves reaches the ext_proc (and so a provider): exact paths,
+        # matched after the HCM normalized them (dot segments, encoded dots, duplicate slashes).
         "routes": [
-            {"match": {"path": "/v1/models", "headers": [_method("GET")]},
-             "direct_response": {"status": 200, "body": {"inline_string": json.dumps(models)}},
-             "response_headers_to_add": [_header("content-type", "application/json")]},
-            {"match": {"prefix": "/v1/", "headers": [_method("POST")]},
-             "route": {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}},
-            {"match": {"prefix": "/"},
-             "direct_response": {"status": 404, "body": {"inline_string": json.dumps({"error": {
-                 "type": "not_found",
-                 "message": "sidestep serves POST /v1/… (chat/completions, messages, responses, …), "
-                            "GET /v1/models and GET /healthz",
-             }})}},
-             "response_headers_to_add": [_header("content-type", "application/json")]},
+            *({"match": {"path": path, "headers": [_method("POST")]}, "route": attempts}
+              for path in api.PROXIED_ENDPOINTS),
+            # the ext_proc answers these itself, with the models the client's gateway key may use
+            {"match": {"safe_regex": {"regex": f"^{api.MODELS_PATH}(/[^/]+)?$"}, "headers": [_method("GET")]},
+             "route": attempts},
+            *(_json_reply(unknown, caller, prefix) for caller, prefix in (
+                (Api.ANTHROPIC, apierrors.ANTHROPIC_PATH), (Api.OPENAI, "/"))),
         ],
     }
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "sidestep",
         "use_remote_address": True,  # Envoy generates x-request-id: request state is keyed by it
+        # one spelling per path before routing: /v1/../x, /v1/%2e%2e/x and //v1//x cannot sneak past
+        # the exact-path routes, and an encoded slash is refused rather than guessed at
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "stream_idle_timeout": _dur(spec.stream_idle_timeout),
-        "request_timeout": "0s",
-        "local_reply_config": _local_replies(spec.max_request_body_bytes),
+        # a client that trickles its request is cut off (408); the timer stops once the request is in,
+        # so waits between attempts are not counted
+        "request_timeout": _dur(spec.request_timeout),
+        "request_headers_timeout": _dur(min(REQUEST_HEADERS_TIMEOUT, spec.request_timeout)),
+        "local_reply_config": _local_replies(gateway),
         "access_log": [_file_log(os.path.join(log_dir, "access.log"))],
         "route_config": {"name": "sidestep", "virtual_hosts": [virtual_host]},
         "http_filters": [
@@ -186,32 +190,66 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
     }
 
 
-def _local_replies(body_limit: int) -> dict[str, Any]:
-    """Envoy's own errors become JSON; the ext_proc's errors (already JSON) pass through unchanged."""
-    return {
-        "body_format": LOCAL_REPLY_FORMAT,
-        "mappers": [
-            {"filter": _cel("response.code_details.startsWith('sidestep_') "
-                            "|| response.code_details == 'direct_response'"),
-             "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                                      "content_type": "application/json"}},
-            # the ext_proc is down or restarting (failure_mode_allow is off: never route blind)
-            {"filter": _cel("response.code_details.startsWith('ext_proc_error')"),
-             "status_code": 503,
-             "body_format_override": {"json_format": {"error": {
-                 "type": "gateway_unavailable",
-                 "message": "sidestep's request processor is unavailable; the request was not sent to "
-                            "any provider. Retry shortly; check `sidestep status` and `sidestep logs extproc`.",
-                 "code": "%RESPONSE_CODE_DETAILS%"}}, "content_type": "application/json"}},
-            {"filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                "default_value": 413, "runtime_key": "sidestep.unused"}}}},
-             "body_format_override": {"json_format": {"error": {
-                 "type": "request_too_large",
-                 "message": f"the request body exceeds this listener's limit of {body_limit} bytes "
-                            f"(listeners[].max_request_body_bytes)",
-                 "code": "%RESPONSE_CODE_DETAILS%"}}, "content_type": "application/json"}},
-        ],
-    }
+def _local_replies(gateway: Gateway) -> dict[str, Any]:
+    """Envoy's own errors become JSON from `controlplane.apierrors`, in the caller's API shape; the
+    ext_proc's errors and direct responses (already JSON) pass through unchanged."""
+    spec = gateway.listener
+    mappers: list[dict[str, Any]] = [
+        {"filter": _cel("response.code_details.startsWith('sidestep_') "
+                        "|| response.code_details == 'direct_response'"),
+         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                  "content_type": "application/json"}},
+    ]
+    # (filter, the error, its status when Envoy's differs)
+    known: list[tuple[dict[str, Any], ApiError, int | None]] = [
+        # the ext_proc is down or restarting (failure_mode_allow is off: never route blind)
+        (_cel("response.code_details.startsWith('ext_proc_error')"), apierrors.gateway_unavailable(
+            "sidestep's request processor is unavailable; the request was not sent to any provider. Retry "
+            "shortly; check `sidestep status` and `sidestep logs extproc`."), 503),
+        (_status_filter(413), apierrors.request_too_large(spec.max_request_body_bytes), None),
+        (_status_filter(408), apierrors.request_timeout(spec.request_timeout), None),
+    ]
+    for status_filter, error, status in known:
+        for caller in Api:
+            mapper: dict[str, Any] = {
+                "filter": _and(status_filter, _caller_filter(caller)),
+                "body_format_override": _json_format(error, caller)}
+            if status is not None:
+                mapper["status_code"] = status
+            mappers.append(mapper)
+    # any other reply of Envoy's own (an unreachable provider without a policy, …): mostly 5xx, so
+    # Anthropic callers see api_error; Envoy's reason goes in `code`
+    generic = ApiError(500, "gateway_error", "%LOCAL_REPLY_BODY%")
+    mappers.append({"filter": _caller_filter(Api.ANTHROPIC), "body_format_override": _json_format(generic, Api.ANTHROPIC)})
+    return {"body_format": _json_format(generic, Api.OPENAI), "mappers": mappers}
+
+
+def _json_format(error: ApiError, caller: Api) -> dict[str, Any]:
+    """Envoy's JSON body template for `error`; `code` carries Envoy's own reason."""
+    payload = error.payload(caller)
+    inner = payload["error"]
+    inner.setdefault("code", "%RESPONSE_CODE_DETAILS%")
+    return {"json_format": payload, "content_type": "application/json"}
+
+
+def _caller_filter(caller: Api) -> dict[str, Any]:
+    return _cel(_ANTHROPIC_CALLER if caller is Api.ANTHROPIC else f"!{_ANTHROPIC_CALLER}")
+
+
+def _status_filter(status: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+        "default_value": status, "runtime_key": "sidestep.unused"}}}}
+
+
+def _and(*filters: dict[str, Any]) -> dict[str, Any]:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _json_reply(error: ApiError, caller: Api, prefix: str) -> dict[str, Any]:
+    """A route answering `error` itself (no ext_proc, no provider) for paths under `prefix`."""
+    return {"match": {"prefix": prefix},
+            "direct_response": {"status": error.status, "body": {"inline_string": error.body(caller).decode()}},
+            "response_headers_to_add": [_header("content-type", "application/json")]}
 
 
 def _cel(expression: str) -> dict[str, Any]:
@@ -220,7 +258,7 @@ def _cel(expression: str) -> dict[str, Any]:
         "expression": expression}}}
 
 
-def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]:
+def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             "match": {"prefix": "/", "headers": [{"name": api.TARGET_HEADER,
@@ -236,28 +274,22 @@ def _dispatch_listener(targets: list[Target], body_limit: int) -> dict[str, Any]
         }
         for target in targets
     ]
-    routes.append({
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 400, "body": {"inline_string": json.dumps({"error": {
-            "type": "routing_header_missing",
-            "message": f"the attempt reached sidestep's dispatch listener without a valid "
-                       f"{api.TARGET_HEADER} header; the ext_proc did not route it",
-        }})}},
-        "response_headers_to_add": [_header("content-type", "application/json")],
-    })
+    routes.append(_json_reply(ApiError(400, "routing_header_missing", (
+        f"the attempt reached sidestep's dispatch listener without a valid {api.TARGET_HEADER} header; "
+        f"the ext_proc did not route it")), Api.OPENAI, "/"))
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "dispatch",
         # an internal hop: closing it late only delays the error reaching the client (default 1s)
         "delayed_close_timeout": "0s",
-        "local_reply_config": _local_replies(body_limit),
+        "local_reply_config": _local_replies(gateway),
         "internal_address_config": {"cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]},
         "route_config": {"name": "dispatch", "virtual_hosts": [{
             "name": "dispatch",
             "domains": ["*"],
             # gateway internals never reach a provider
             "request_headers_to_remove": [
-                api.TARGET_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
+                api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
                 "x-envoy-internal", "x-forwarded-for", "x-envoy-external-address",
             ],
             "routes": routes,
@@ -324,17 +356,17 @@ def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
     }
 
 
-def _extproc_cluster(worker: int, ports: tuple[int, ...]) -> dict[str, Any]:
+def _extproc_cluster(worker: int, sockets: tuple[str, ...]) -> dict[str, Any]:
     """Worker `worker` first; the others, in turn, only while the ones before them are unhealthy."""
     name = api.extproc_cluster(worker)
-    rotated = ports[worker:] + ports[:worker]
+    rotated = sockets[worker:] + sockets[:worker]
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": name, "endpoints": [
-            {"priority": priority, "lb_endpoints": [{"endpoint": {"address": _socket("127.0.0.1", port)}}]}
-            for priority, port in enumerate(rotated)]},
+            {"priority": priority, "lb_endpoints": [{"endpoint": {"address": _pipe(path)}}]}
+            for priority, path in enumerate(rotated)]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},
@@ -405,6 +437,10 @@ def _file_log(path: str) -> dict[str, Any]:
 
 def _socket(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _pipe(path: str) -> dict[str, Any]:
+    return {"pipe": {"path": path, "mode": 0o600}}
 
 
 def _header(key: str, value: str) -> dict[str, Any]:

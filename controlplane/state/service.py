@@ -1,6 +1,8 @@
 """The control plane's state service: the authoritative table, and the relay between workers.
 
-Usage: `python -m controlplane.state --port N --config-hash H` (the supervisor starts it).
+Usage: `python -m controlplane.state --socket PATH --config-hash H` (the supervisor starts it). It
+listens on a Unix socket in the stack's private run directory: only the stack's own processes may
+report facts (a forged block would steer every request away from a provider).
 Each worker holds one `Sync` stream: it says Hello with everything it knows, receives a
 snapshot, then reports each new fact; every fact that changes the table is passed on to the
 other workers. A worker too slow to keep up is disconnected; it reconnects and catches up
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -117,12 +120,14 @@ class StateService(pb_grpc.StateServicer):
                     peer.queue.put_nowait(None)
 
 
-async def serve(port: int, config_hash: str) -> None:
+async def serve(socket_path: str, config_hash: str) -> None:
     server = aio.server()
     pb_grpc.add_StateServicer_to_server(StateService(config_hash), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if os.path.exists(socket_path):  # left behind by a previous process
+        os.unlink(socket_path)
+    server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
-    log.info("state service on 127.0.0.1:%d (config %s)", port, config_hash)
+    log.info("state service on %s (config %s)", socket_path, config_hash)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,10 +138,10 @@ async def serve(port: int, config_hash: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane.state", description=__doc__)
-    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
     parser.add_argument("--config-hash", required=True, help="workers with another config are refused")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(args.port, args.config_hash))
+    asyncio.run(serve(args.socket, args.config_hash))
     return 0

@@ -1,15 +1,15 @@
-"""The JSON errors clients see, in the OpenAI error shape: `{"error": {"type", "message", …}}`."""
+"""The error of a request that gave up: what was tried, and why it stopped (its body's shape is
+`controlplane.apierrors`')."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.apierrors import ApiError
 from extproc.policy.decide import GiveUp
 from extproc.policy.state import RequestState
 
-__all__ = ["ClientError", "exhausted"]
+__all__ = ["exhausted"]
 
 _REASONS = {
     "max_attempts": "the retry policy allows no more attempts for this failure",
@@ -22,20 +22,7 @@ _REASONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ClientError:
-    status: int
-    type: str
-    message: str
-    retry_after: int | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def body(self) -> bytes:
-        error = {"type": self.type, "message": self.message, **self.details}
-        return json.dumps({"error": error}, separators=(",", ":")).encode()
-
-
-def exhausted(state: RequestState, give_up: GiveUp) -> ClientError:
+def exhausted(state: RequestState, give_up: GiveUp) -> ApiError:
     """The error for a request that gave up: what was tried, and why it stopped."""
     attempts = [
         {
@@ -58,4 +45,4 @@ def exhausted(state: RequestState, give_up: GiveUp) -> ClientError:
     details: dict[str, Any] = {"code": give_up.reason, "attempts": attempts, "total_attempts": len(attempts)}
     if give_up.retry_after is not None:
         details["retry_after"] = give_up.retry_after
-    return ClientError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)
+    return ApiError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)

@@ -28,7 +28,7 @@ class RequestState:
     primary: Target
     started: float  # monotonic, when the request reached the ext_proc
     client_path: str  # the client's :path before any attempt rewrote it
-    client_credentials: tuple[tuple[str, str], ...]  # only forwarded for passthrough_auth targets
+    client_credentials: tuple[tuple[str, bytes], ...]  # only forwarded for passthrough_auth targets
     next_target: Target
     not_before: float = 0.0  # the next attempt waits until then (backoff, Retry-After)
     attempts: list[Attempt] = field(default_factory=list)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from controlplane.config import parse_config
-from controlplane.render.envoy import Ports, render_envoy
+from controlplane.render.envoy import Sockets, render_envoy
 from controlplane.rundir import free_port
 from controlplane.supervisor import envoy_binary
 from tests.mockprovider import Reply
@@ -149,7 +149,8 @@ def test_dispatch_without_routing_header_is_a_clear_400(tmp_path: Path, provider
 listeners: [{{type: model, port: {free_port()}}}]
 model_providers: [{{model: a/x, base_url: "{providers['a'].url}", access_key: k-0123456789ab}}]
 """)
-    bootstrap = render_envoy(loaded.gateway, Ports(admin=free_port(), extproc=(free_port(),)), str(tmp_path))
+    sockets = Sockets(admin=str(tmp_path / "admin.sock"), extproc=(str(tmp_path / "extproc-0.sock"),))
+    bootstrap = render_envoy(loaded.gateway, sockets, str(tmp_path))
     probe_port = free_port()
     resources = bootstrap["static_resources"]
     probe_cluster = json.loads(json.dumps(next(c for c in resources["clusters"] if c["name"] == "sidestep_attempts_0")))

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from controlplane.apierrors import ApiError
 from controlplane.config import parse_config
 from extproc.body import BadBody, find_model, replace_model
 from extproc.coordinator import AttemptPlan, Coordinator
 from extproc.policy.decide import Deliver, GiveUp, Retry
-from extproc.policy.errors import ClientError
 
 # ---- body
 
@@ -72,7 +72,7 @@ def coordinator() -> tuple[Coordinator, Clock]:
 
 def test_a_request_across_attempts() -> None:
     coord, clock = coordinator()
-    plan = coord.begin_attempt("r1", 1, "/v1/chat/completions", (("authorization", "Bearer c"),),
+    plan = coord.begin_attempt("r1", 1, "/v1/chat/completions", (("authorization", b"Bearer c"),),
                                b'{"model": "a/one"}')
     assert isinstance(plan, AttemptPlan)
     assert plan.target.key == "a/one" and plan.body == b'{"model": "one"}' and plan.state.not_before == 0.0
@@ -80,7 +80,7 @@ def test_a_request_across_attempts() -> None:
     assert isinstance(decision, Retry) and decision.wait == 0.5
     plan = coord.begin_attempt("r1", 2, "/v1/rewritten-by-attempt-1", (), b'{"model": "one"}')
     assert plan.state.not_before == 1000.5 and plan.state.client_path == "/v1/chat/completions"
-    assert plan.state.client_credentials == (("authorization", "Bearer c"),)
+    assert plan.state.client_credentials == (("authorization", b"Bearer c"),)
     clock.now = 1000.6
     decision = coord.end_attempt("r1", 200, "via_upstream", None)
     assert isinstance(decision, Deliver)
@@ -100,9 +100,9 @@ def test_unplanned_envoy_retry_counts_as_a_connection_failure() -> None:
 def test_bad_requests_become_client_errors() -> None:
     coord, _ = coordinator()
     error = coord.begin_attempt("r1", 1, "/v1/x", (), b"{oops")
-    assert isinstance(error, ClientError) and error.status == 400
+    assert isinstance(error, ApiError) and error.status == 400
     error = coord.begin_attempt("r2", 1, "/v1/x", (), b'{"model": "zzz"}')
-    assert isinstance(error, ClientError) and error.status == 404 and "a/one" in error.message
+    assert isinstance(error, ApiError) and error.status == 404 and "a/one" in error.message
     assert coord.requests == {}
 
 

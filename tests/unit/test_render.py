@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 from controlplane.config import parse_config
-from controlplane.render.envoy import Ports, config_hash, render_envoy
+from controlplane.render.envoy import Sockets, config_hash, render_envoy
 from controlplane.supervisor import envoy_binary
 
 GOLDEN = Path(__file__).parent / "golden" / "envoy_failover.json"
+SOCKETS = Sockets(admin="/home/u/.sidestep/run/admin.sock",
+                  extproc=("/home/u/.sidestep/run/extproc-0.sock", "/home/u/.sidestep/run/extproc-1.sock"))
 CONFIG = """
 listeners: [{type: model, port: 12000, attempt_timeout: 20s, stream_idle_timeout: 90s}]
 model_providers:
@@ -28,7 +30,7 @@ model_providers:
 
 
 def rendered(log_dir: str = "/var/log/sidestep") -> dict:
-    return render_envoy(parse_config(CONFIG, {}).gateway, Ports(admin=9901, extproc=(9902, 9903)), log_dir,
+    return render_envoy(parse_config(CONFIG, {}).gateway, SOCKETS, log_dir,
                         ca_bundle="/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -78,5 +80,5 @@ def test_required_settings() -> None:
 def test_hash_is_content_based() -> None:
     one, two = rendered(), rendered()
     assert one["node"]["metadata"]["config_hash"] == two["node"]["metadata"]["config_hash"] == config_hash(one)
-    other = render_envoy(parse_config(CONFIG.replace("20s", "21s"), {}).gateway, Ports(9901, (9902, 9903)), "/x")
+    other = render_envoy(parse_config(CONFIG.replace("20s", "21s"), {}).gateway, SOCKETS, "/x")
     assert other["node"]["metadata"]["config_hash"] != config_hash(one)
