@@ -253,12 +253,19 @@ class Listener(_Strict):
 class GatewayKey(_Strict):
     """A key clients present to use the gateway (as their SDK's api_key)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    name: str
     """Shown in logs and status instead of the key: letters, digits, `_`, `.`, `-`."""
     key: str
     """The key: a literal, or `$VAR` / `${VAR}` read from the environment."""
     models: Annotated[list[str], Field(min_length=1)] | None = None
     """The models (as configured `model` or `name`) this key may request; all when absent."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+            raise ValueError(f"{value!r}: use 1 to 64 letters, digits, '_', '.' or '-'")
+        return value
 
 
 class SidestepConfig(_Strict):
