@@ -1,6 +1,6 @@
 """sidestep vs plain Envoy, side by side in one run, on a fast local upstream.
 
-    python benchmarks/bench.py [--duration 10] [--connections 16,64] [--workers N]
+    python benchmarks/bench.py [--duration 10] [--connections 16,64] [--workers N] [--gateway-key]
 
 Starts (all on 127.0.0.1): a fast upstream (Envoy direct_response behind a buffer filter, so
 connections stay alive; one port answers 200, another 429), a plain Envoy proxy to it, and a
@@ -9,7 +9,8 @@ p50/p99 latency, sidestep/plain ratios, and the ext_proc workers' CPU time per a
 workers together; the control plane's state service is listed apart).
 
 Scenarios: `happy` (one attempt per request) and `failover` (the primary answers 429, every
-request fails over once: two attempts). Not a test: numbers depend on the machine.
+request fails over once: two attempts). `--gateway-key` configures `gateway_keys` and sends the
+key with every request (the cost of authenticating clients). Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
     parser.add_argument("--connections", default="16,64", help="wrk connections, comma-separated")
     parser.add_argument("--workers", type=int, help="ext_proc workers (default: sidestep's own default)")
+    parser.add_argument("--gateway-key", action="store_true", help="require a gateway key (and send it)")
     args = parser.parse_args()
+    key = GATEWAY_KEY if args.gateway_key else None
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="sidestep-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -53,7 +56,8 @@ def main() -> int:
         ok_port, limited_port, plain_port, listen_port = (free_port() for _ in range(4))
         procs.append(start_envoy(upstream_config(ok_port, limited_port), work / "upstream.json", concurrency=1))
         config = work / "sidestep.yaml"
-        config.write_text(SIDESTEP_CONFIG.format(port=listen_port, ok=ok_port, limited=limited_port))
+        config.write_text(SIDESTEP_CONFIG.format(port=listen_port, ok=ok_port, limited=limited_port)
+                          + (f"gateway_keys: [{{name: bench, key: {key}}}]\n" if key else ""))
         workers = ["--workers", str(args.workers)] if args.workers else []
         subprocess.run([sys.executable, "-m", "controlplane", "--home", str(home), "up", str(config), *workers],
                        check=True, stdout=subprocess.DEVNULL)
@@ -66,8 +70,8 @@ def main() -> int:
         envoy_pid, state_pid = children["envoy"]["pid"], children["state"]["pid"]
 
         print(f"sidestep benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {concurrency} (both), "
-              f"{len(extproc_pids)} ext_proc worker(s), wrk -t1, {args.duration}s per run, {len(BODY)} B body; "
-              f"everything shares this machine\n")
+              f"{len(extproc_pids)} ext_proc worker(s), wrk -t1, {args.duration}s per run, {len(BODY)} B body, "
+              f"gateway key {'on' if key else 'off'}; everything shares this machine\n")
         print(f"{'scenario':34s} {'conns':>5s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}"
               f"  {'ext_proc CPU/attempt':>20s}")
         for conns in [int(c) for c in args.connections.split(",")]:
@@ -77,7 +81,7 @@ def main() -> int:
             for name, model, attempts in (("happy", "bench/ok", 1), ("failover", "bench/limited", 2)):
                 cpu0 = sum(map(cpu_seconds, extproc_pids)), cpu_seconds(envoy_pid), cpu_seconds(state_pid)
                 result = run_wrk(wrk, work, f"http://127.0.0.1:{listen_port}/v1/chat/completions", model, conns,
-                                 args.duration)
+                                 args.duration, key)
                 cpu1 = sum(map(cpu_seconds, extproc_pids)), cpu_seconds(envoy_pid), cpu_seconds(state_pid)
                 per_attempt = (cpu1[0] - cpu0[0]) / max(1, result["requests"] * attempts) * 1e6
                 envoy_per_request = (cpu1[1] - cpu0[1]) / max(1, result["requests"]) * 1e6
@@ -97,6 +101,7 @@ def main() -> int:
     return 0
 
 
+GATEWAY_KEY = "gk-bench-0123456789abcdef"
 SIDESTEP_CONFIG = """
 listeners: [{{type: model, address: 127.0.0.1, port: {port}}}]
 model_providers:
@@ -191,9 +196,10 @@ def wait_ready(url: str) -> None:
     sys.exit(f"{url} never answered")
 
 
-def run_wrk(wrk: str, work: Path, url: str, model: str, conns: int, duration: int) -> dict:
+def run_wrk(wrk: str, work: Path, url: str, model: str, conns: int, duration: int, key: str | None = None) -> dict:
     script = work / f"{model.replace('/', '_')}.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n'
+    auth = f'wrk.headers["authorization"] = "Bearer {key}"\n' if key else ""
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["content-type"] = "application/json"\n{auth}'
                       f'wrk.body = {json.dumps(BODY.replace("MODEL", model))}\n')
     out = subprocess.run([wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout

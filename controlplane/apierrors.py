@@ -10,7 +10,8 @@
     │   ├── request_timeout   408  the request was not received in time (rendered into Envoy's config)
     │   └── request_too_large 413
     ├── the providers': retry_exhausted (the last attempt's status; `extproc.policy.errors.exhausted`)
-    └── sidestep's own: internal_error 500, gateway_unavailable 503, gateway_error (any other Envoy reply)
+    └── sidestep's own: internal_error 500, gateway_failed 502 (its processor died after sending the
+        request on), gateway_unavailable 503, gateway_error (any other Envoy reply)
 
 The ext_proc writes these as immediate responses; `controlplane.render.envoy` renders the same
 bodies (or JSON templates of them, for Envoy's own replies) into Envoy's config. Nothing else
@@ -35,6 +36,7 @@ __all__ = [
     "anthropic_type",
     "api_for_path",
     "forbidden",
+    "gateway_failed_after_sending",
     "gateway_unavailable",
     "internal_error",
     "invalid_request",
@@ -129,3 +131,9 @@ def internal_error() -> ApiError:
 
 def gateway_unavailable(message: str) -> ApiError:
     return ApiError(503, "gateway_unavailable", message)
+
+
+def gateway_failed_after_sending() -> ApiError:
+    return ApiError(502, "gateway_failed", "sidestep's request processor failed while the request was at a "
+                                          "provider: the provider may have received it (and may bill it). "
+                                          "Check `sidestep logs extproc` before retrying.")

@@ -34,6 +34,11 @@ PROXIED_ENDPOINTS = (  # POST, a JSON body with a "model"
 )
 MODELS_PATH = "/v1/models"  # GET; answered by sidestep itself (only the models a gateway key may use)
 
+# Dynamic metadata the ext_proc sets on an attempt it sends on to a provider; Envoy's error reply
+# after a dead ext_proc reads it to tell "may have reached a provider" from "was not sent".
+METADATA_NAMESPACE = "sidestep"
+SENT_METADATA = "sent"
+
 # Envoy's names.
 def extproc_cluster(worker: int) -> str:
     return f"sidestep_extproc_{worker}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
@@ -25,6 +26,9 @@ __all__ = ["Replies"]
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+# marks the request as sent on to a provider (see internalapi.SENT_METADATA)
+_SENT = struct_pb2.Struct()
+_SENT.update({api.METADATA_NAMESPACE: {api.SENT_METADATA: "1"}})
 
 
 def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
@@ -74,7 +78,7 @@ class Replies:
         mutation.set_headers.append(header(":path", target.upstream.path_for(path).encode("latin-1")))
         mutation.set_headers.append(header("content-length", str(len(body))))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))))
+            header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
 
     def delivered(self, target: Target, attempts: int, *, until_last_byte: bool = False) -> pb.ProcessingResponse:
         """Response-headers reply for a response the client gets: which model, after how many attempts.

@@ -201,9 +201,14 @@ def _local_replies(gateway: Gateway) -> dict[str, Any]:
                                   "content_type": "application/json"}},
     ]
     # (filter, the error, its status when Envoy's differs)
+    ext_proc_failed = "response.code_details.startsWith('ext_proc_error')"
+    sent = (f"'{api.METADATA_NAMESPACE}' in metadata.filter_metadata && "
+            f"metadata.filter_metadata['{api.METADATA_NAMESPACE}']['{api.SENT_METADATA}'] == '1'")
     known: list[tuple[dict[str, Any], ApiError, int | None]] = [
+        # the ext_proc died while an attempt it had sent on was in flight: the provider may have it
+        (_cel(f"{ext_proc_failed} && {sent}"), apierrors.gateway_failed_after_sending(), 502),
         # the ext_proc is down or restarting (failure_mode_allow is off: never route blind)
-        (_cel("response.code_details.startsWith('ext_proc_error')"), apierrors.gateway_unavailable(
+        (_cel(ext_proc_failed), apierrors.gateway_unavailable(
             "sidestep's request processor is unavailable; the request was not sent to any provider. Retry "
             "shortly; check `sidestep status` and `sidestep logs extproc`."), 503),
         (_status_filter(413), apierrors.request_too_large(spec.max_request_body_bytes), None),
@@ -318,8 +323,25 @@ def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": api.extproc_cluster(worker)}},
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": api.extproc_cluster(worker)},
+                # a worker that just died refuses the stream, or resets it before answering anything:
+                # retry it on the next worker in priority order (or, with one worker, on the restarted
+                # one) instead of failing the request. A stream the worker already answered is never
+                # retried (it may have sent the attempt on).
+                "retry_policy": {
+                    "retry_on": "connect-failure,reset",
+                    "num_retries": 5,
+                    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.4s"},
+                    "retry_priority": {"name": "envoy.retry_priorities.previous_priorities", "typed_config": {
+                        "@type": T + "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                        "update_frequency": 1}},
+                },
+            },
             "failure_mode_allow": False,
+            # the ext_proc marks an attempt it sent on (`api.SENT_METADATA`), so an error after its
+            # death can say whether a provider may have received the request
+            "metadata_options": {"receiving_namespaces": {"untyped": [api.METADATA_NAMESPACE]}},
             "processing_mode": {
                 "request_header_mode": "SEND",  # SKIP would let headers leave before the target is set
                 "request_body_mode": "BUFFERED",
@@ -373,8 +395,8 @@ def _extproc_cluster(worker: int, sockets: tuple[str, ...]) -> dict[str, Any]:
         }},
         "health_checks": [{
             "timeout": "1s",
-            "interval": "1s",
-            "no_traffic_interval": "1s",  # the default 60s would keep a dead ext_proc "healthy" for a minute
+            "interval": "0.5s",
+            "no_traffic_interval": "0.5s",  # the default 60s would keep a dead ext_proc "healthy" for a minute
             "unhealthy_threshold": 1,
             "healthy_threshold": 1,
             "grpc_health_check": {},
@@ -405,7 +427,7 @@ def _provider_cluster(upstream: Upstream, ca_bundle: str | None) -> dict[str, An
             }
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **tls}}
-        protocol = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
+        protocol: dict[str, Any] = {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
     else:
         protocol = {"explicit_http_config": {"http_protocol_options": {}}}
     cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -58,6 +58,7 @@ class StateService(pb_grpc.StateServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Sync stream starts with Hello")
+            return  # abort raises; this tells the type checker so
         hello = first.hello
         if hello.config_hash != self.config_hash:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
