@@ -331,8 +331,9 @@ def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
                 # retried (it may have sent the attempt on).
                 "retry_policy": {
                     "retry_on": "connect-failure,reset",
-                    "num_retries": 5,
-                    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.4s"},
+                    # jittered waits of up to 0.05·2^n s: about 2 s in all, time for a restart
+                    "num_retries": 10,
+                    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
                     "retry_priority": {"name": "envoy.retry_priorities.previous_priorities", "typed_config": {
                         "@type": T + "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
                         "update_frequency": 1}},
