@@ -83,6 +83,7 @@ class ApiError:
     message: str
     retry_after: int | None = None  # seconds; sent as Retry-After
     details: Mapping[str, Any] = field(default_factory=dict)
+    retryable: bool = False  # may the client's SDK retry it? (x-should-retry; see Replies.error)
 
     def body(self, api: Api = Api.OPENAI) -> bytes:
         return json.dumps(self.payload(api), separators=(",", ":")).encode()
@@ -116,7 +117,8 @@ def model_not_found(message: str) -> ApiError:
 
 def request_timeout(seconds: float) -> ApiError:
     return ApiError(408, "request_timeout", f"the request was not received within {seconds:g}s "
-                                            f"(listeners[].request_timeout); it was not sent to any provider")
+                                            f"(listeners[].request_timeout); it was not sent to any provider",
+                    retryable=True)
 
 
 def request_too_large(limit: int) -> ApiError:
@@ -126,11 +128,11 @@ def request_too_large(limit: int) -> ApiError:
 
 def internal_error() -> ApiError:
     return ApiError(500, "internal_error", "sidestep failed while handling this request (a bug: see "
-                                           "`sidestep logs extproc`)")
+                                           "`sidestep logs extproc`)", retryable=True)
 
 
 def gateway_unavailable(message: str) -> ApiError:
-    return ApiError(503, "gateway_unavailable", message)
+    return ApiError(503, "gateway_unavailable", message, retryable=True)
 
 
 def gateway_failed_after_sending() -> ApiError:

@@ -13,26 +13,19 @@ UPSTREAM_DETAILS_HEADER = "x-sidestep-upstream"
 ATTEMPTS_HEADER = "x-sidestep-attempts"
 MODEL_HEADER = "x-sidestep-model"
 WORKER_HEADER = "x-sidestep-worker"  # which ext_proc worker handled the request (its logs tell more)
+# Read by the openai and anthropic SDKs: "false" stops their own retries of an error sidestep already
+# retried (or decided not to), which would otherwise run the whole failover two more times.
+SHOULD_RETRY_HEADER = "x-should-retry"
+# The model a request without one of its own (GET /v1/files, …) goes to; the default model otherwise.
+MODEL_REQUEST_HEADER = "x-sidestep-model"
 
 # Credential headers a client may send; none of them reach a provider unless passthrough_auth.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 # A gateway key sent beside the client's own provider key; never reaches a provider.
 GATEWAY_KEY_HEADER = "x-sidestep-key"
 
-# The API surface sidestep serves. Only these paths (after Envoy normalized them: dot segments,
-# encoded dots, duplicate slashes) reach a provider; everything else is a 404 from sidestep.
-PROXIED_ENDPOINTS = (  # POST, a JSON body with a "model"
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/responses",
-    "/v1/embeddings",
-    "/v1/moderations",
-    "/v1/images/generations",
-    "/v1/audio/speech",
-    "/v1/messages",
-    "/v1/messages/count_tokens",
-)
 MODELS_PATH = "/v1/models"  # GET; answered by sidestep itself (only the models a gateway key may use)
+# (the whole API surface sidestep serves is controlplane/endpoints.py)
 
 # Dynamic metadata the ext_proc sets on an attempt it sends on to a provider; Envoy's error reply
 # after a dead ext_proc reads it to tell "may have reached a provider" from "was not sent".

@@ -8,37 +8,68 @@ feeds it plain values and turns its answers into protobuf.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from controlplane import apierrors
 from controlplane.apierrors import ApiError
 from controlplane.config.runtime import ClientKey, Gateway, Target
+from controlplane.endpoints import Endpoint
 from controlplane.state.table import SlowResponse, StateTable, block_name
 from extproc.auth import Credentials
 from extproc.body import BadBody, ModelField, find_model, replace_model
+from extproc.multipart import boundary_of, find_form_field
 from extproc.policy.classify import ErrorType, Outcome, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
+from extproc.translate import TranslatedRequest, Untranslatable
+from extproc.translate.pairs import PROVIDER_PATHS, direction
 
-__all__ = ["AttemptPlan", "Coordinator"]
+__all__ = ["AttemptPlan", "ClientRequest", "Coordinator", "Translation"]
 
 log = logging.getLogger("sidestep.extproc")
 
 
 @dataclass(frozen=True, slots=True)
+class Translation:
+    """How this attempt's response goes back to the client: the translator module (see
+    `extproc.translate.pairs`) and what the client asked for."""
+
+    module: ModuleType
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptPlan:
-    """Send this attempt to `target` with key `key` and `body`, after waiting until `state.not_before`."""
+    """Send this attempt to `target` at `path` with key `key` and `body`, after waiting until
+    `state.not_before`; translate its response with `translation` when it is set."""
 
     state: RequestState
     target: Target
     key: int
     body: bytes
+    path: str  # the provider's path, before a base_url prefix
+    translation: Translation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """What the ext_proc read from the client's request headers (first attempt)."""
+
+    path: str
+    endpoint: Endpoint
+    credentials: Credentials  # the client's own (a gateway key already taken out)
+    client: ClientKey | None = None  # the gateway key it authenticated with, when one is required
+    content_type: bytes = b""
+    model_header: str | None = None  # x-sidestep-model: the provider for requests without a model
 
 
 class Coordinator:
@@ -58,16 +89,17 @@ class Coordinator:
         self.state_ttl = state_ttl
         self._trigger_ids = (f"{origin}.{n}" for n in itertools.count())
 
-    def begin_attempt(self, request_id: str, envoy_attempt: int, path: str, credentials: Credentials, body: bytes,
-                      client: ClientKey | None = None) -> AttemptPlan | ApiError:
-        """Called with each attempt's request body: where it goes, or the error that ends the request.
-
-        `credentials`: the client's own (a gateway key already taken out); `client`: the gateway key
-        it authenticated with, when the gateway requires one."""
+    def begin_attempt(self, request_id: str, envoy_attempt: int, request: ClientRequest | None,
+                      body: bytes) -> AttemptPlan | ApiError:
+        """Called with each attempt's request body (its headers, for requests without one): where it
+        goes, or the error that ends the request. `request` is read from the first attempt's headers
+        (later attempts' headers carry what earlier ones set)."""
         now = self.clock()
         state = self.requests.get(request_id)
         if state is None or envoy_attempt <= 1:
-            return self._first_attempt(request_id, path, credentials, body, client, now)
+            if request is None:
+                return apierrors.internal_error()
+            return self._first_attempt(request_id, request, body, now)
         current = state.current
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.
@@ -75,7 +107,7 @@ class Coordinator:
             if isinstance(decision, GiveUp):  # a connection failure is never simply delivered
                 self.requests.pop(request_id, None)
                 return exhausted(state, decision)
-        return self._plan(state, body, now)
+        return self._plan(state, now)
 
     def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None) -> Decision:
         """Called with each attempt's response headers: deliver, retry (recorded), or give up."""
@@ -118,59 +150,144 @@ class Coordinator:
             del self.requests[rid]
         return len(stale)
 
-    def _first_attempt(self, request_id: str, path: str, credentials: Credentials, body: bytes,
-                       client: ClientKey | None, now: float) -> AttemptPlan | ApiError:
-        try:
-            field = find_model(body)
-        except BadBody as exc:
-            return apierrors.invalid_request(str(exc))
-        primary = self.gateway.resolve(field.value)
+    def _first_attempt(self, request_id: str, request: ClientRequest, body: bytes,
+                       now: float) -> AttemptPlan | ApiError:
+        endpoint = request.endpoint
+        field: ModelField | None = None
+        if endpoint.body == "json":
+            try:
+                field = find_model(body)
+            except BadBody as exc:
+                return apierrors.invalid_request(str(exc))
+            requested = field.value
+        elif endpoint.body == "multipart":
+            boundary = boundary_of(request.content_type)
+            form = find_form_field(body, boundary, "model") if boundary else None
+            if form is None:
+                return apierrors.invalid_request(f"{endpoint.path} takes a multipart/form-data body with a "
+                                                 f"'model' field")
+            requested = form.value
+            field = ModelField(form.value, form.start, form.end)
+        else:
+            requested = request.model_header
+        primary = self._primary(requested, request.client)
+        if isinstance(primary, ApiError):
+            return primary
+        if primary.passthrough_auth and request.client is not None and not request.credentials:
+            return apierrors.unauthenticated(
+                f"model {primary.key!r} forwards your own provider key (passthrough_auth), but the request "
+                f"carries only the gateway key: send the gateway key in x-sidestep-key and your provider key "
+                f"as your SDK's api_key")
+        state = RequestState(primary=primary, started=now, client_path=request.path,
+                             client_credentials=request.credentials, next_target=primary, endpoint=endpoint,
+                             body=body, model=field, pinned=endpoint.body == "json" and _refers_to_stored(body))
+        untranslatable = self._check_translatable(state, primary)
+        if untranslatable is not None:
+            return untranslatable
+        first = first_target(primary, self.gateway.order(primary), self.table, now, self._eligible(state),
+                             fails_over=endpoint.fails_over)
+        if isinstance(first, GiveUp):
+            return exhausted(state, first)
+        state.next_target = first
+        self.requests[request_id] = state
+        return self._plan(state, now)
+
+    def _primary(self, requested: str | None, client: ClientKey | None) -> Target | ApiError:
+        """The model a request asked for (or the default), if this client may use it."""
+        primary = self.gateway.resolve(requested)
         allowed = client.models if client is not None else None  # None: every model
         if client is not None and allowed is not None and primary is not None and primary.key not in allowed:
-            if field.value in self.gateway.names:  # asked for by name: it exists, but not for this key
+            if requested in self.gateway.names:  # asked for by name: it exists, but not for this key
                 return apierrors.forbidden(f"gateway key {client.name!r} may not use model {primary.key!r}; "
                                            f"it may use: {', '.join(sorted(allowed))}")
             primary = None  # the default model, which this key may not use
         if primary is None:
             known = ", ".join(self.gateway.names if allowed is None else sorted(allowed)) or "none"
-            if field.value is None:
+            if requested is None:
                 return apierrors.invalid_request(f'the request has no "model" and no default model is '
                                                  f"configured; models: {known}")
-            return apierrors.model_not_found(f"model {field.value!r} is not configured and there is no "
+            return apierrors.model_not_found(f"model {requested!r} is not configured and there is no "
                                              f"default model; models: {known}")
-        if primary.passthrough_auth and client is not None and not credentials:
-            return apierrors.unauthenticated(
-                f"model {primary.key!r} forwards your own provider key (passthrough_auth), but the request "
-                f"carries only the gateway key: send the gateway key in x-sidestep-key and your provider key "
-                f"as your SDK's api_key")
-        first = first_target(primary, self.gateway.order(primary), self.table, now)
-        state = RequestState(primary=primary, started=now, client_path=path,
-                             client_credentials=credentials, next_target=primary)
-        if isinstance(first, GiveUp):
-            return exhausted(state, first)
-        state.next_target = first
-        self.requests[request_id] = state
-        return self._plan(state, body, now, field=field)
+        return primary
 
-    def _plan(self, state: RequestState, body: bytes, now: float,
-              field: ModelField | None = None) -> AttemptPlan | ApiError:
-        target = state.next_target
+    def _check_translatable(self, state: RequestState, target: Target) -> ApiError | None:
+        """A 400 before any provider is called when the requested model's API cannot carry the request."""
+        endpoint = state.endpoint
+        if target.api is None or target.api is endpoint.api:
+            return None
+        if not endpoint.translatable:
+            return apierrors.invalid_request(
+                f"model {target.key!r} speaks the {target.api.value} API, and {endpoint.path} requests cannot "
+                f"be translated to it (only chat completions ⇄ messages are)")
         try:
-            field = field or find_model(body)
-        except BadBody as exc:  # cannot happen for a body that parsed on the first attempt
-            return apierrors.invalid_request(str(exc))
+            self._translated(state, target)
+        except Untranslatable as exc:
+            return apierrors.invalid_request(f"model {target.key!r} speaks the {target.api.value} API, which "
+                                             f"cannot carry this request: {exc}")
+        return None
+
+    def _eligible(self, state: RequestState) -> Callable[[Target], bool]:
+        """Which failover candidates can serve this request: the same kind of model, an API the request
+        is (or can be translated to), and, for a request that refers to state stored at its provider
+        (`previous_response_id`, file ids), that provider only."""
+        endpoint = state.endpoint
+        primary = state.primary
+
+        def eligible(target: Target) -> bool:
+            if target.kind != endpoint.kind:
+                return False
+            if state.pinned and (target.provider, target.upstream) != (primary.provider, primary.upstream):
+                return False
+            if target.api is None or target.api is endpoint.api:
+                return True
+            if not endpoint.translatable:
+                return False
+            refused = state.refused.get(target.api)
+            if refused is None:
+                try:
+                    self._translated(state, target)
+                    state.refused[target.api] = ""
+                except Untranslatable as exc:
+                    state.refused[target.api] = refused = str(exc)
+                    log.info("not failing over to %s: the request cannot be translated (%s)", target.key, exc)
+            return not refused
+
+        return eligible
+
+    def _translated(self, state: RequestState, target: Target) -> TranslatedRequest:
+        """The request in `target`'s API (raises Untranslatable)."""
+        module = direction(state.endpoint.api, target.api)
+        assert module is not None
+        if state.parsed is None:
+            state.parsed = json.loads(state.body)  # it parsed once already: find_model walked it
+        return module.translate_request(state.parsed, model=target.model_id,
+                                        default_max_tokens=target.default_max_tokens)
+
+    def _plan(self, state: RequestState, now: float) -> AttemptPlan | ApiError:
+        target = state.next_target
         start = max(now, state.not_before)
         # the first usable key; should none be left (it rested during the wait), the first one
         key = (self.table.usable_key(target, start) or 0) if target.pooled else 0
         state.attempts.append(Attempt(target=target, started=start, key=key))
-        return AttemptPlan(state, target, key, replace_model(body, field, target.model_id))
+        module = direction(state.endpoint.api, target.api) if state.endpoint.translatable else None
+        if module is not None:
+            try:
+                translated = self._translated(state, target)
+            except Untranslatable as exc:  # eligibility checked it: only a bug gets here
+                return apierrors.invalid_request(str(exc))
+            return AttemptPlan(state, target, key, translated.body, PROVIDER_PATHS[target.api],  # type: ignore[index]
+                               Translation(module, translated.stream, translated.include_usage))
+        body = state.body
+        if state.model is not None:
+            body = replace_model(body, state.model, target.model_id)
+        return AttemptPlan(state, target, key, body, state.client_path)
 
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
         attempt = state.current
         assert attempt is not None
         attempt.outcome = outcome
         decision = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
-                                table=self.table, pacer=self.pacer, rng=self.rng)
+                                table=self.table, pacer=self.pacer, rng=self.rng, eligible=self._eligible(state))
         if isinstance(decision, Retry):
             attempt.retried_by = decision.rule
             state.next_target = decision.target
@@ -184,6 +301,15 @@ class Coordinator:
                      outcome.status,
                      decision.reason)
         return decision
+
+
+def _refers_to_stored(body: bytes) -> bool:
+    """Does a request refer to state its provider keeps (a stored response, a conversation, an
+    uploaded file)? Then it never fails over to another provider, which would not know it."""
+    return any(marker in body for marker in _STORED_STATE)
+
+
+_STORED_STATE = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"container"')
 
 
 def _hint(attempt: Attempt) -> str:

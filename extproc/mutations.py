@@ -8,12 +8,13 @@ and removes what another target may have set before it.
 from __future__ import annotations
 
 import json
+from enum import Enum
 
 from envoy.config.core.v3 import base_pb2
-from google.protobuf import struct_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
 from controlplane import apierrors
 from controlplane import internalapi as api
@@ -21,11 +22,20 @@ from controlplane.apierrors import Api, ApiError
 from controlplane.config.runtime import ClientKey, Gateway, Target
 from extproc.auth import Credentials
 
-__all__ = ["Replies"]
+__all__ = ["Body", "Replies"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+
+
+class Body(Enum):
+    """What happens to a delivered response's body."""
+
+    PASS = "pass"  # it flows through Envoy, not us
+    FOLLOW = "follow"  # streamed through us unchanged (to time its last byte)
+    TRANSLATE_STREAM = "translate_stream"  # streamed through us, each chunk translated
+    TRANSLATE_WHOLE = "translate_whole"  # buffered, then translated whole (JSON bodies, errors)
 # marks the request as sent on to a provider (see internalapi.SENT_METADATA)
 _SENT = struct_pb2.Struct()
 _SENT.update({api.METADATA_NAMESPACE: {api.SENT_METADATA: "1"}})
@@ -34,6 +44,9 @@ _SENT.update({api.METADATA_NAMESPACE: {api.SENT_METADATA: "1"}})
 def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
     raw = value if isinstance(value, bytes) else value.encode()
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw), append_action=_OVERWRITE)
+
+
+_NO_RETRY = header(api.SHOULD_RETRY_HEADER, "false")
 
 
 class Replies:
@@ -60,15 +73,16 @@ class Replies:
                 self._static[(target.key, index)] = (
                     sets + [header(k, v) for k, v in key.headers],
                     removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent])
-        self._delivered: dict[tuple[str, int, bool], pb.ProcessingResponse] = {}
+        self._delivered: dict[tuple[str, int, Body, bool], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
         self._model_lists: dict[str | None, bytes] = {}  # by gateway key name (None: no key)
 
-    def attempt(self, target: Target, key: int, path: str, body: bytes,
+    def attempt(self, target: Target, key: int, path: str, body: bytes | None,
                 client_credentials: Credentials) -> pb.ProcessingResponse:
-        """The request-body reply that sends this attempt to `target` with key `key` and `body`."""
+        """The reply that sends this attempt to `target` with key `key` and `body`: to the request body,
+        or, for a request without one (`body` None), to its headers."""
         sets, removes = self._static[(target.key, key)]
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
         if target.passthrough_auth:  # restore the client's own credentials, whatever came before
@@ -76,25 +90,50 @@ class Replies:
             mutation.set_headers.extend(header(k, v) for k, v in client_credentials)
             mutation.remove_headers.extend(h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent)
         mutation.set_headers.append(header(":path", target.upstream.path_for(path).encode("latin-1")))
+        if body is None:
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                header_mutation=mutation)), dynamic_metadata=_SENT)
         mutation.set_headers.append(header("content-length", str(len(body))))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
 
-    def delivered(self, target: Target, attempts: int, *, until_last_byte: bool = False) -> pb.ProcessingResponse:
+    def delivered(self, target: Target, attempts: int, *, body: Body = Body.PASS,
+                  no_retry: bool = False) -> pb.ProcessingResponse:
         """Response-headers reply for a response the client gets: which model, after how many attempts.
-        `until_last_byte`: also stream the body through us, so its last byte can be timed."""
-        key = (target.key, attempts, until_last_byte)
+
+        `body`: what happens to the response body (`Body`). `no_retry`: an error the policy decided
+        not to retry, marked so the client's SDK does not run the whole failover again."""
+        key = (target.key, attempts, body, no_retry)
         reply = self._delivered.get(key)
         if reply is None:
+            sets = [header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key), self.worker]
+            if no_retry:
+                sets.append(_NO_RETRY)
+            mutation = pb.HeaderMutation(set_headers=sets)
+            if body is Body.TRANSLATE_STREAM:
+                mutation.set_headers.append(header("content-type", "text/event-stream"))
+                mutation.remove_headers.append("content-length")
             reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(set_headers=[
-                    header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key),
-                    self.worker]))))
-            if until_last_byte:
-                reply.mode_override.response_body_mode = _STREAMED
+                header_mutation=mutation)))
+            if body is not Body.PASS:
+                reply.mode_override.response_body_mode = _BUFFERED if body is Body.TRANSLATE_WHOLE else _STREAMED
             if len(self._delivered) < 4096:
                 self._delivered[key] = reply
         return reply
+
+    @staticmethod
+    def chunk(data: bytes) -> pb.ProcessingResponse:
+        """A streamed response-body reply that replaces the chunk with `data` (a translation)."""
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(body=data))))
+
+    @staticmethod
+    def whole_body(data: bytes) -> pb.ProcessingResponse:
+        """A buffered response-body reply that replaces the whole body with the JSON `data`."""
+        mutation = pb.HeaderMutation(set_headers=[header("content-type", "application/json"),
+                                                  header("content-length", str(len(data)))])
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation, body_mutation=pb.BodyMutation(body=data))))
 
     def retry(self, phase: str) -> pb.ProcessingResponse:
         """Mark the attempt for retry (Envoy's route retries on the header) and drop Retry-After,
@@ -110,8 +149,12 @@ class Replies:
         return reply
 
     def error(self, error: ApiError, attempts: int, caller: Api) -> pb.ProcessingResponse:
-        """A final JSON error in the caller's API shape; from an upstream filter it is never retried."""
+        """A final JSON error in the caller's API shape; from an upstream filter it is never retried.
+        Unless retrying could help (`error.retryable`), it tells the client's SDK not to retry: sidestep
+        already did whatever retrying the policy allows."""
         sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts)), self.worker]
+        if not error.retryable:
+            sets.append(_NO_RETRY)
         if error.retry_after is not None:
             sets.append(header("retry-after", str(error.retry_after)))
         return self._immediate(error.status, sets, error.body(caller), f"sidestep_{error.type}")
@@ -120,6 +163,7 @@ class Replies:
         """`GET /v1/models` (the models this client may use) or `GET /v1/models/{id}`."""
         allowed = client.models if client is not None else None
         visible = [t for t in self.gateway.targets.values() if allowed is None or t.key in allowed]
+        path = path.partition("?")[0]
         if path.rstrip("/") == api.MODELS_PATH:
             name = client.name if client is not None else None
             body = self._model_lists.get(name)

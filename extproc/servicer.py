@@ -1,10 +1,16 @@
-"""The gRPC ExternalProcessor: reads Envoy's messages for one attempt, asks the Coordinator, replies.
+"""The gRPC ExternalProcessor: plumbing between Envoy's messages for one attempt and the Coordinator.
 
-Per attempt Envoy sends: request headers (authenticate the client on its first attempt; answer
-`GET /v1/models` ourselves; otherwise continue: the target is set with the body reply, which
-Envoy applies before the attempt leaves), the buffered request body (choose the target, wait if
-the policy says so, rewrite the model), response headers (deliver, retry, or give up) and, only
-when we asked for it, the response body.
+`ExtProcServicer.Process` hands each Envoy stream (one attempt) to an `AttemptProcessor`, which
+reads its messages in order and answers each:
+
+- request headers: authenticate the client (first attempt); answer `GET /v1/models` ourselves; send
+  a request without a body on at once; otherwise continue (the target is set with the body reply,
+  which Envoy applies before the attempt leaves);
+- request body (buffered): choose the target, wait if the policy says so, rewrite the model (or
+  translate the request to the target's API);
+- response headers: deliver, retry, or give up;
+- response body, only when asked for: read a failed attempt's error before retrying or giving up,
+  translate a response into the client's API, or follow a body to its last byte.
 
 Nothing a client sends can make this raise: bodies and headers are parsed defensively, and any
 bug still ends the request with a JSON 500 rather than a broken stream.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,17 +31,20 @@ from grpc import aio
 from controlplane import apierrors
 from controlplane import internalapi as api
 from controlplane.apierrors import Api, ApiError, api_for_path
-from controlplane.config.runtime import ClientKey
+from controlplane.endpoints import find_endpoint
 from extproc.auth import Credentials, authenticate
-from extproc.coordinator import AttemptPlan, Coordinator
-from extproc.mutations import Replies
+from extproc.coordinator import AttemptPlan, ClientRequest, Coordinator
+from extproc.mutations import Body, Replies
 from extproc.policy.decide import Deliver, GiveUp, Retry
 from extproc.policy.errors import exhausted
+from extproc.policy.state import ProviderError
+from extproc.translate import Untranslatable
+from extproc.translate.pairs import provider_error
 
 __all__ = ["ExtProcServicer"]
 
 log = logging.getLogger("sidestep.extproc")
-_CREDENTIALS = frozenset((*api.CLIENT_CREDENTIAL_HEADERS, api.GATEWAY_KEY_HEADER))
+_SCANNED = frozenset((*api.CLIENT_CREDENTIAL_HEADERS, api.GATEWAY_KEY_HEADER))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,8 @@ class RequestHead:
     path: str
     credentials: Credentials
     length: int  # content-length, 0 when absent
+    content_type: bytes
+    model_header: str | None  # x-sidestep-model
     end_of_stream: bool  # no body follows
 
 
@@ -60,102 +72,207 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.too_large = {caller: self.replies.error(too_large, 0, caller) for caller in Api}
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
+        processor = AttemptProcessor(self, context)
         try:
-            await self._attempt(context)
+            await processor.run()
         except asyncio.CancelledError:
             raise  # Envoy cancels a retried attempt's stream, and the whole stream when the client leaves
         except Exception:
             log.exception("ext_proc stream failed")
             try:
-                await context.write(self.replies.error(apierrors.internal_error(), 0, Api.OPENAI))
+                await context.write(self.replies.error(apierrors.internal_error(), 0, processor.caller))
             except Exception:  # the stream itself is broken: Envoy answers with its own 503
                 await context.abort(grpc.StatusCode.INTERNAL, "sidestep ext_proc internal error")
 
-    async def _attempt(self, context: aio.ServicerContext) -> None:
-        message = await context.read()
+
+class AttemptProcessor:
+    """One Envoy stream: one attempt of one request, from its request headers to its response."""
+
+    def __init__(self, servicer: ExtProcServicer, context: aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.coordinator = servicer.coordinator
+        self.replies = servicer.replies
+        self.context = context
+        self.caller = Api.OPENAI  # the client's API family: the shape of any error we answer with
+
+    async def run(self) -> None:
+        message = await self.context.read()
         if message is aio.EOF or not message.HasField("request_headers"):
             return
         head = _scan_request(message.request_headers)
-        caller = api_for_path(head.path)
+        self.caller = api_for_path(head.path)
+        plan = await self._request(head)
+        if plan is None:
+            return
+        message = await self.context.read()
+        if message is aio.EOF or not message.HasField("response_headers"):
+            return
+        await self._respond(head.request_id, plan, message.response_headers)
+
+    async def _request(self, head: RequestHead) -> AttemptPlan | None:
+        """Route the attempt (answering the client ourselves where that is all there is to do)."""
+        servicer = self.servicer
+        request: ClientRequest | None = None
+        if head.attempt <= 1:  # later attempts' headers carry what earlier ones set
+            request = self._client_request(head)
+            if isinstance(request, ApiError):
+                await self._error(request, 0)
+                return None
+            if request.endpoint.body == "answered":
+                await self.context.write(self.replies.models(head.path, request.client, self.caller))
+                return None
+        if head.end_of_stream:  # nothing to buffer: route it with the headers
+            if request is not None and request.endpoint.body != "none":
+                await self._error(apierrors.invalid_request("a request body is required"), 0)
+                return None
+            return await self._send(head, request, None)
+        if head.length > servicer.body_limit:  # refuse before Envoy buffers it all
+            await self.context.write(servicer.too_large[self.caller])
+            return None
+        await self.context.write(Replies.CONTINUE_HEADERS)
+        message = await self.context.read()
+        if message is aio.EOF or not message.HasField("request_body"):
+            return None
+        if len(message.request_body.body) > servicer.body_limit:  # chunked: no content-length to check
+            await self.context.write(servicer.too_large[self.caller])
+            return None
+        return await self._send(head, request, message.request_body.body)
+
+    def _client_request(self, head: RequestHead) -> ClientRequest | ApiError:
+        endpoint = find_endpoint(head.method, head.path)
+        if endpoint is None:  # Envoy routes only what sidestep serves
+            return apierrors.not_found(f"sidestep does not serve {head.method} {head.path}")
         credentials = head.credentials
-        client: ClientKey | None = None
-        if self.gateway.client_keys and head.attempt <= 1:  # later attempts carry what earlier ones set
-            result = authenticate(self.gateway.client_keys, credentials)
+        client = None
+        if self.servicer.gateway.client_keys:
+            result = authenticate(self.servicer.gateway.client_keys, credentials)
             if isinstance(result, ApiError):
                 log.info("refused request=%s path=%s: %s", head.request_id, head.path, result.message)
-                await context.write(self.replies.error(result, 0, caller))
-                return
+                return result
             client, credentials = result
         # the client's own provider credentials, for passthrough_auth targets; never a gateway key
         credentials = tuple(c for c in credentials if c[0] != api.GATEWAY_KEY_HEADER)
-        if head.method == "GET":  # the router only lets GET /v1/models… through
-            await context.write(self.replies.models(head.path, client, caller))
-            return
-        if head.end_of_stream:
-            await context.write(self.replies.error(apierrors.invalid_request("a JSON request body is required"),
-                                                   0, caller))
-            return
-        if head.length > self.body_limit:  # refuse before Envoy buffers it all
-            await context.write(self.too_large[caller])
-            return
-        await context.write(Replies.CONTINUE_HEADERS)
+        return ClientRequest(head.path, endpoint, credentials, client, head.content_type, head.model_header)
 
-        message = await context.read()
-        if message is aio.EOF or not message.HasField("request_body"):
-            return
-        if len(message.request_body.body) > self.body_limit:  # chunked: no content-length to check
-            await context.write(self.too_large[caller])
-            return
-        plan = self.coordinator.begin_attempt(head.request_id, head.attempt, head.path, credentials,
-                                              message.request_body.body, client)
+    async def _send(self, head: RequestHead, request: ClientRequest | None, body: bytes | None) -> AttemptPlan | None:
+        plan = self.coordinator.begin_attempt(head.request_id, head.attempt, request, body or b"")
         if isinstance(plan, ApiError):
-            await context.write(self.replies.error(plan, head.attempt - 1, caller))
-            return
+            await self._error(plan, head.attempt - 1)
+            return None
         delay = plan.state.not_before - self.coordinator.clock()
         if delay > 0:
             await asyncio.sleep(delay)  # before replying: the attempt's timeout has not started yet
-        await context.write(self.replies.attempt(plan.target, plan.key, plan.state.client_path, plan.body,
-                                                 plan.state.client_credentials))
+        await self.context.write(self.replies.attempt(plan.target, plan.key, plan.path,
+                                                      None if body is None else plan.body,
+                                                      plan.state.client_credentials))
+        return plan
 
-        message = await context.read()
-        if message is aio.EOF or not message.HasField("response_headers"):
-            return
-        await self._respond(context, head.request_id, plan, message.response_headers, caller)
-
-    async def _respond(self, context: aio.ServicerContext, request_id: str, plan: AttemptPlan,
-                       headers: pb.HttpHeaders, caller: Api) -> None:
-        status, details, retry_after = _scan_response(headers)
+    async def _respond(self, request_id: str, plan: AttemptPlan, headers: pb.HttpHeaders) -> None:
+        status, details, retry_after, content_type = _scan_response(headers)
+        attempt = plan.state.current
         decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
         attempts = plan.state.attempt_number
         if isinstance(decision, Deliver):
-            follow = decision.until_last_byte and not headers.end_of_stream
-            await context.write(self.replies.delivered(plan.target, attempts, until_last_byte=follow))
-            if decision.until_last_byte:
-                await self._follow_to_last_byte(context, plan, ended=headers.end_of_stream)
+            await self._deliver(plan, headers, status, content_type, decision.until_last_byte)
         elif isinstance(decision, GiveUp):
-            await context.write(self.replies.error(exhausted(plan.state, decision), attempts, caller))
+            if not headers.end_of_stream:  # read what the provider said: the error carries it
+                await self.context.write(Replies.buffer_response_body())
+                body = await self._body()
+                if body is not None and attempt is not None:
+                    attempt.error = ProviderError(*provider_error(plan.target.api, body))
+            await self._error(exhausted(plan.state, decision), attempts)
         elif isinstance(decision, Retry):
             if headers.end_of_stream:
-                await context.write(self.replies.retry("response_headers"))
+                await self.context.write(self.replies.retry("response_headers"))
                 return
-            await context.write(Replies.buffer_response_body())
-            message = await context.read()
-            if message is not aio.EOF and message.HasField("response_body"):
-                await context.write(self.replies.retry("response_body"))
+            await self.context.write(Replies.buffer_response_body())
+            body = await self._body()
+            if body is not None:
+                if attempt is not None:
+                    attempt.error = ProviderError(*provider_error(plan.target.api, body))
+                await self.context.write(self.replies.retry("response_body"))
 
-    async def _follow_to_last_byte(self, context: aio.ServicerContext, plan: AttemptPlan, *, ended: bool) -> None:
+    async def _deliver(self, plan: AttemptPlan, headers: pb.HttpHeaders, status: int, content_type: str,
+                       until_last_byte: bool) -> None:
+        """Hand the provider's response to the client: as it is (Envoy streams it), followed to its last
+        byte, or translated into the client's API."""
+        state = plan.state
+        attempts = state.attempt_number
+        # an error the policy chose not to retry: the client's SDK must not retry it either
+        no_retry = status >= 400 and state.primary.policy is not None and state.endpoint.fails_over
+        translation = plan.translation
+        if translation is None or headers.end_of_stream:
+            follow = until_last_byte and not headers.end_of_stream
+            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+                                                            body=Body.FOLLOW if follow else Body.PASS))
+            if follow:
+                await self._follow_to_last_byte(plan)
+            elif until_last_byte:
+                self.coordinator.response_complete(state)
+            return
+        module = translation.module
+        created = int(time.time())
+        if status < 400 and content_type.startswith("text/event-stream"):
+            await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
+            stream = module.StreamTranslator(model=plan.target.model_id, created=created,
+                                             include_usage=translation.include_usage)
+            while (body := await self._chunk()) is not None:
+                data, last = body
+                out = stream.feed(data)
+                if last:
+                    out += stream.close()
+                    if until_last_byte:
+                        self.coordinator.response_complete(state)
+                await self.context.write(Replies.chunk(out))
+                if last:
+                    return
+            return
+        await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+                                                        body=Body.TRANSLATE_WHOLE))
+        whole = await self._body()
+        if whole is None:
+            return
+        if until_last_byte:
+            self.coordinator.response_complete(state)
+        if status >= 400:
+            out = module.translate_error(status, whole)
+        else:
+            try:
+                out = module.translate_response(whole, model=plan.target.model_id, created=created)
+            except Untranslatable as exc:  # the provider's answer is not one: say so in the client's shape
+                log.warning("untranslatable response from %s: %s", plan.target.key, exc)
+                out = apierrors.ApiError(502, "bad_provider_response",
+                                         f"{plan.target.key} answered with something that is not a valid "
+                                         f"response: {exc}").body(self.caller)
+        await self.context.write(Replies.whole_body(out))
+
+    async def _follow_to_last_byte(self, plan: AttemptPlan) -> None:
         """Pass the streamed body on chunk by chunk; time the response at its last byte, before the
         client gets it."""
-        if ended:  # a response without a body
-            self.coordinator.response_complete(plan.state)
-            return
-        while (message := await context.read()) is not aio.EOF and message.HasField("response_body"):
-            last = message.response_body.end_of_stream
+        while (body := await self._chunk()) is not None:
+            _, last = body
             if last:
                 self.coordinator.response_complete(plan.state)
-            await context.write(Replies.CONTINUE_BODY)
+            await self.context.write(Replies.CONTINUE_BODY)
             if last:
                 return
+
+    async def _body(self) -> bytes | None:
+        """The buffered response body (asked for with a BUFFERED mode override)."""
+        message = await self.context.read()
+        if message is aio.EOF or not message.HasField("response_body"):
+            return None
+        return message.response_body.body
+
+    async def _chunk(self) -> tuple[bytes, bool] | None:
+        """The next streamed response-body chunk and whether it is the last, or None."""
+        message = await self.context.read()
+        if message is aio.EOF or not message.HasField("response_body"):
+            return None
+        return message.response_body.body, message.response_body.end_of_stream
+
+    async def _error(self, error: ApiError, attempts: int) -> None:
+        await self.context.write(self.replies.error(error, attempts, self.caller))
 
 
 def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
@@ -165,6 +282,8 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
     method = "POST"
     path = "/"
     length = 0
+    content_type = b""
+    model_header = None
     credentials: list[tuple[str, bytes]] = []
     for h in headers.headers.headers:
         key = h.key
@@ -178,14 +297,20 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
             attempt = _int(h.raw_value, 1)
         elif key == "content-length":
             length = _int(h.raw_value, 0)
-        elif key in _CREDENTIALS:
+        elif key == "content-type":
+            content_type = h.raw_value
+        elif key == api.MODEL_REQUEST_HEADER:
+            model_header = h.raw_value.decode("latin-1")
+        elif key in _SCANNED:
             credentials.append((key, h.raw_value))
-    return RequestHead(request_id, attempt, method, path, tuple(credentials), length, headers.end_of_stream)
+    return RequestHead(request_id, attempt, method, path, tuple(credentials), length, content_type, model_header,
+                       headers.end_of_stream)
 
 
-def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None]:
+def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None, str]:
     status = 0
     details = retry_after = None
+    content_type = ""
     for h in headers.headers.headers:
         key = h.key
         if key == ":status":
@@ -194,7 +319,9 @@ def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None
             details = h.raw_value.decode("latin-1")
         elif key == "retry-after":
             retry_after = h.raw_value.decode("latin-1")
-    return status, details, retry_after
+        elif key == "content-type":
+            content_type = h.raw_value.decode("latin-1").lower()
+    return status, details, retry_after, content_type
 
 
 def _int(raw: bytes, default: int) -> int:

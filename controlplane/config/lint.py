@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from controlplane.config.runtime import expand_status_codes
+from controlplane.config.runtime import expand_status_codes, model_kind, provider_api
 from controlplane.config.schema import (
     IGNORED_TOP_LEVEL,
     BackoffApplyTo,
     BlockApplyTo,
+    ModelProvider,
     RetryPolicy,
     SidestepConfig,
     Strategy,
@@ -41,6 +42,7 @@ def lint(config: SidestepConfig) -> list[ConfigIssue]:
             warnings.append(ConfigIssue(f"{here}.access_key", "ignored: passthrough_auth forwards the client's key"))
         if entry.retry_policy is not None:
             warnings.extend(_lint_policy(f"{here}.retry_policy", entry.model, entry.retry_policy, configured))
+            warnings.extend(_lint_fallbacks(f"{here}.retry_policy", entry, providers))
     return warnings
 
 
@@ -92,6 +94,29 @@ def _lint_policy(here: str, primary: str, policy: RetryPolicy, configured: set[s
                                             "avoid the blocked target"))
     if policy.default_max_attempts == 0 and not policy.on_status_codes and policy.on_timeout is None:
         warnings.append(ConfigIssue(f"{here}.default_max_attempts", "0 with no rules: this policy never retries"))
+    return warnings
+
+
+def _lint_fallbacks(here: str, primary: ModelProvider, providers: list[ModelProvider]) -> list[ConfigIssue]:
+    """A listed fallback that can never serve the primary's requests: another kind of model, or another
+    API family for requests sidestep cannot translate."""
+    warnings: list[ConfigIssue] = []
+    by_model = {p.model: p for p in providers}
+    kind = primary.kind or model_kind(primary.model.partition("/")[2])
+    api = provider_api(primary)
+    for j, name in enumerate(primary.retry_policy.fallback_models if primary.retry_policy else []):
+        fallback = by_model.get(name)
+        if fallback is None or fallback is primary:
+            continue
+        other_kind = fallback.kind or model_kind(fallback.model.partition("/")[2])
+        other_api = provider_api(fallback)
+        path = f"{here}.fallback_models[{j}]"
+        if other_kind != kind:
+            warnings.append(ConfigIssue(path, f"{name!r} serves {other_kind}, {primary.model!r} serves {kind}: "
+                                              f"requests never fail over to it"))
+        elif kind != "chat" and api is not None and other_api is not None and other_api is not api:
+            warnings.append(ConfigIssue(path, f"{name!r} speaks the {other_api.value} API and {kind} requests "
+                                              f"cannot be translated: requests never fail over to it"))
     return warnings
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
+from controlplane.apierrors import Api
 from controlplane.config.schema import (
     Backoff,
     BlockApplyTo,
@@ -58,6 +59,18 @@ WELL_KNOWN_BASE_URLS: Mapping[str, str] = {
 }
 ANTHROPIC_INTERFACES = frozenset({"anthropic", "claude"})
 ANTHROPIC_VERSION = "2023-06-01"
+# The API a well-known base_url host speaks (every host above but Anthropic's is OpenAI-compatible).
+KNOWN_HOST_APIS: Mapping[str, Api] = {
+    **{urlsplit(url).hostname or "": Api.OPENAI for url in WELL_KNOWN_BASE_URLS.values()},
+    "api.anthropic.com": Api.ANTHROPIC,
+}
+# Model-id families of the non-chat kinds (`ModelProvider.kind` says otherwise when set).
+_KIND_PATTERNS = (
+    ("embeddings", re.compile(r"(^|[-_/.])(text-embedding|embed)", re.I)),
+    ("audio", re.compile(r"(^|[-_/.])(whisper|tts|transcribe)", re.I)),
+    ("images", re.compile(r"(^|[-_/.])(dall-e|gpt-image|imagen)", re.I)),
+    ("moderation", re.compile(r"moderation", re.I)),
+)
 
 # Retried once a policy exists, unless a rule says otherwise: rate limits and server errors.
 DEFAULT_RETRIABLE = frozenset({429, *range(500, 600)})
@@ -166,7 +179,10 @@ class Target:
     provider: str  # "openai"
     model_id: str  # "gpt-4o": what the provider sees in the body
     upstream: Upstream
-    anthropic: bool
+    api: Api | None  # what the provider speaks; None: whatever the client speaks (never translated)
+    kind: str  # "chat", "embeddings", "audio", "images" or "moderation"
+    default_max_tokens: int  # for translated OpenAI requests to an Anthropic provider
+    anthropic: bool  # authenticates Anthropic's way (x-api-key, anthropic-version)
     keys: tuple[ApiKey, ...]  # the access_key, or the access_keys pool in order; empty for passthrough
     pooled: bool  # access_keys: a 429/401/403 moves the request to the next key
     passthrough_auth: bool
@@ -218,7 +234,10 @@ class Gateway:
     _orders: dict[str, tuple[Target, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def order(self, primary: Target) -> tuple[Target, ...]:
-        """Where requests for `primary` fail over to: fallback_models, then the others in config order.
+        """Where requests for `primary` fail over to: fallback_models, then the others in config order,
+        except `passthrough_auth` entries: the client's own credentials go only to the model it asked
+        for or to one its policy lists by name. (Which of them can serve a given request — its API,
+        its kind of model — the ext_proc decides per request.)
 
         Built on first use and kept: compiling every primary's order up front would cost
         n² for n providers with a policy."""
@@ -228,7 +247,7 @@ class Gateway:
                 return ()
             fallbacks = [self.targets[k] for k in primary.policy.fallbacks]
             skip = {primary.key, *primary.policy.fallbacks}
-            order = (*fallbacks, *(t for t in self.targets.values() if t.key not in skip))
+            order = (*fallbacks, *(t for t in self.targets.values() if t.key not in skip and not t.passthrough_auth))
             self._orders[primary.key] = order
         return order
 
@@ -355,10 +374,25 @@ def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], 
     return seen[ident]
 
 
+def provider_api(entry: ModelProvider) -> Api | None:
+    """Which API a provider speaks: its provider_interface, else its base_url's well-known host, else
+    None (it speaks the client's API on the client's path, as Plano assumes)."""
+    if entry.provider_interface:
+        return Api.ANTHROPIC if entry.provider_interface.lower() in ANTHROPIC_INTERFACES else Api.OPENAI
+    return KNOWN_HOST_APIS.get(urlsplit(provider_base_url(entry) or "").hostname or "")
+
+
+def model_kind(model_id: str) -> str:
+    """What a model serves, from its id (see `ModelProvider.kind`)."""
+    return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(model_id)), "chat")
+
+
 def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str], *,
             route_id: str) -> Target:
     prefix, _, model_id = entry.model.partition("/")
-    anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
+    api = provider_api(entry)
+    named_anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
+    anthropic = api is Api.ANTHROPIC or (api is None and named_anthropic)
     secrets = [] if entry.passthrough_auth else entry.access_keys or ([entry.access_key] if entry.access_key else [])
     keys = tuple(_api_key(expand_env(secret, env), anthropic) for secret in secrets)
     extra = {name.lower(): expand_env(value, env) for name, value in entry.headers.items()}
@@ -370,6 +404,9 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         provider=prefix,
         model_id=model_id,
         upstream=upstream,
+        api=api,
+        kind=entry.kind or model_kind(model_id),
+        default_max_tokens=entry.default_max_tokens,
         anthropic=anthropic,
         keys=keys,
         pooled=entry.access_keys is not None and not entry.passthrough_auth,

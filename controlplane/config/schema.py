@@ -191,7 +191,17 @@ class ModelProvider(_Strict):
     default: bool = False
     """Serve requests whose model is missing or not configured."""
     provider_interface: str | None = None
-    """The API the provider speaks (`openai`, `claude`, …); defaults from the model prefix."""
+    """The API the provider speaks: `claude`/`anthropic` (Anthropic Messages) or any other value
+    (`openai`, `groq`, …: OpenAI-compatible). Without it: the API of a well-known `base_url` host
+    (api.anthropic.com, api.openai.com, …); without either, the provider is taken to speak whatever
+    API the client speaks, on the client's path (nothing is translated)."""
+    kind: Literal["chat", "embeddings", "audio", "images", "moderation"] | None = None
+    """sidestep: what the model serves; requests only fail over to entries of their own kind. Defaults
+    from the model id (`text-embedding-*`/`*embed*` embeddings, `whisper-*`/`tts-*`/`*transcribe*`
+    audio, `dall-e-*`/`gpt-image-*` images, `*moderation*` moderation; anything else chat)."""
+    default_max_tokens: Annotated[int, Field(ge=1)] = 4096
+    """sidestep: `max_tokens` sent to this (Anthropic) provider for a translated OpenAI request that
+    set none; Anthropic requires one."""
     http_host: str | None = None
     """Host header sent to the provider; defaults to the base_url host."""
     headers: dict[str, str] = {}

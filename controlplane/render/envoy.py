@@ -31,6 +31,7 @@ from controlplane import apierrors
 from controlplane import internalapi as api
 from controlplane.apierrors import Api, ApiError
 from controlplane.config.runtime import Gateway, Target, Upstream
+from controlplane.endpoints import ENDPOINTS
 
 __all__ = ["Sockets", "config_hash", "render_envoy"]
 
@@ -132,8 +133,8 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
     }
     attempts = {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}
-    served = ", ".join(f"POST {path}" for path in api.PROXIED_ENDPOINTS)
-    unknown = apierrors.not_found(f"sidestep serves {served}, GET {api.MODELS_PATH} and GET {api.HEALTH_PATH}")
+    served = ", ".join(f"{e.method} {e.path.strip('^$')}" for e in ENDPOINTS)
+    unknown = apierrors.not_found(f"sidestep serves {served} and GET {api.HEALTH_PATH}")
     virtual_host = {
         "name": "sidestep",
         "domains": ["*"],
@@ -141,14 +142,13 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "request_body_buffer_limit": spec.max_request_body_bytes,
         "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER],
         "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER],
-        # Only the API surface sidestep serves reaches the ext_proc (and so a provider): exact paths,
-        # matched after the HCM normalized them (dot segments, encoded dots, duplicate slashes).
+        # Only the API surface sidestep serves (controlplane/endpoints.py) reaches the ext_proc, and so
+        # a provider: exact paths, matched after the HCM normalized them (dot segments, encoded dots,
+        # duplicate slashes).
         "routes": [
-            *({"match": {"path": path, "headers": [_method("POST")]}, "route": attempts}
-              for path in api.PROXIED_ENDPOINTS),
-            # the ext_proc answers these itself, with the models the client's gateway key may use
-            {"match": {"safe_regex": {"regex": f"^{api.MODELS_PATH}(/[^/]+)?$"}, "headers": [_method("GET")]},
-             "route": attempts},
+            *({"match": {**({"safe_regex": {"regex": e.path}} if e.pattern else {"path": e.path}),
+                         "headers": [_method(e.method)]},
+               "route": attempts} for e in ENDPOINTS),
             *(_json_reply(unknown, caller, prefix) for caller, prefix in (
                 (Api.ANTHROPIC, apierrors.ANTHROPIC_PATH), (Api.OPENAI, "/"))),
         ],
@@ -294,7 +294,7 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
             "domains": ["*"],
             # gateway internals never reach a provider
             "request_headers_to_remove": [
-                api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
+                api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.MODEL_REQUEST_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
                 "x-envoy-internal", "x-forwarded-for", "x-envoy-external-address",
             ],
             "routes": routes,

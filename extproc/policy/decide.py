@@ -64,14 +64,21 @@ def backoff_delay(backoff: Backoff, retry_number: int, rng: random.Random) -> fl
     return delay * (0.5 + rng.random() / 2) if backoff.jitter else delay
 
 
-def first_target(primary: Target, order: Sequence[Target], table: StateTable, now: float) -> Target | GiveUp:
-    """The first attempt's target: the primary unless a global block says otherwise (then fail over).
+def _anything(target: Target) -> bool:
+    return True
 
-    Without a policy only the primary's own key pool can stop it: there is nowhere to fail over to.
+
+def first_target(primary: Target, order: Sequence[Target], table: StateTable, now: float,
+                 eligible: Callable[[Target], bool] = _anything, *, fails_over: bool = True) -> Target | GiveUp:
+    """The first attempt's target: the primary unless a global block says otherwise (then fail over
+    to the first `eligible` candidate: one that can serve this request).
+
+    Without a policy (or for a request that never fails over, `fails_over=False`) only the primary's
+    own key pool can stop it: there is nowhere to fail over to.
     """
-    if primary.policy is None:
+    if primary.policy is None or not fails_over:
         return primary if table.pool_until(primary, now) <= now else _pool_exhausted(primary, table, now)
-    everything = (primary, *order)
+    everything = (primary, *(t for t in order if eligible(t)))
     for candidate in everything:
         if table.until(candidate, now) <= now:
             return candidate
@@ -82,12 +89,15 @@ def first_target(primary: Target, order: Sequence[Target], table: StateTable, no
 
 
 def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target], *, now: float,
-                 table: StateTable, pacer: Pacer, rng: random.Random) -> Decision:
+                 table: StateTable, pacer: Pacer, rng: random.Random,
+                 eligible: Callable[[Target], bool] = _anything) -> Decision:
     """Decide after the current attempt ended with `outcome`. Records blocks and key states.
 
-    `order` is the primary's failover order (`Gateway.order`); `table` the worker's shared state.
+    `order` is the primary's failover order (`Gateway.order`); `eligible` says which of them can serve
+    this request (its API family, its kind of model, its body); `table` the worker's shared state.
     """
-    policy = state.primary.policy
+    # requests without a model of their own (multipart, file ids) go to one provider: no failover
+    policy = state.primary.policy if state.endpoint.fails_over else None
     attempt = state.current
     if outcome.ok or attempt is None:
         return DELIVER
@@ -118,10 +128,11 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
         return max(table.until(target, now), state.blocks.until(target, now))
 
     def available(target: Target) -> bool:
-        return blocked_until(target) <= now
+        return blocked_until(target) <= now and (target is state.primary or eligible(target))
 
     def give_up(reason: str) -> GiveUp:
-        decision = _give_up(outcome, reason, everything, blocked_until, now)
+        candidates = [t for t in everything if t is state.primary or eligible(t)]
+        decision = _give_up(outcome, reason, candidates, blocked_until, now)
         return GiveUp(decision.status, pool.reason, decision.retry_after) if pool else decision
 
     everything = (state.primary, *order)

@@ -30,6 +30,7 @@ def exhausted(state: RequestState, give_up: GiveUp) -> ApiError:
             "model": a.target.key,
             "error_type": str(a.outcome.error_type) if a.outcome and a.outcome.error_type else "unknown",
             "status": a.outcome.status if a.outcome else None,
+            **({"provider_error": a.error.as_dict()} if a.error is not None and a.error.as_dict() else {}),
         }
         for n, a in enumerate(state.attempts, start=1)
     ]
@@ -37,12 +38,18 @@ def exhausted(state: RequestState, give_up: GiveUp) -> ApiError:
     if attempts:
         last = attempts[-1]
         message = (f"All {len(attempts)} attempt(s) failed; the last, to {last['model']}, "
-                   f"ended with {last['error_type']} ({last['status']}). Gave up: {why}.")
+                   f"ended with {last['error_type']} ({last['status']})")
+        said = state.attempts[-1].error
+        if said is not None and said.message:
+            message += f": {said.message[:500]}"
+        message += f". Gave up: {why}."
     else:
         message = f"No attempt was made: {why}."
     if give_up.retry_after is not None:
         message += f" Retry after {give_up.retry_after}s."
     details: dict[str, Any] = {"code": give_up.reason, "attempts": attempts, "total_attempts": len(attempts)}
+    if attempts and "provider_error" in attempts[-1]:
+        details["provider_error"] = {"status": attempts[-1]["status"], **attempts[-1]["provider_error"]}
     if give_up.retry_after is not None:
         details["retry_after"] = give_up.retry_after
     return ApiError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)

@@ -6,12 +6,15 @@ The attempt number is derived from the list, never stored beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.config.runtime import Target
+from controlplane.endpoints import CHAT_COMPLETIONS, Endpoint
 from controlplane.state.table import Blocks
+from extproc.body import ModelField
 from extproc.policy.classify import Outcome
 
-__all__ = ["Attempt", "RequestState"]
+__all__ = ["Attempt", "ProviderError", "RequestState"]
 
 
 @dataclass(slots=True)
@@ -21,6 +24,19 @@ class Attempt:
     key: int = 0  # index into target.keys
     outcome: Outcome | None = None  # None until its response (or reset) is seen
     retried_by: str | None = None  # label of the rule that retried after it
+    error: ProviderError | None = None  # what the provider said, when it answered with an error body
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderError:
+    """A provider's own error, as its body said it (any part may be missing)."""
+
+    type: str | None
+    code: str | None
+    message: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("type", self.type), ("code", self.code), ("message", self.message)) if v}
 
 
 @dataclass(slots=True)
@@ -30,6 +46,12 @@ class RequestState:
     client_path: str  # the client's :path before any attempt rewrote it
     client_credentials: tuple[tuple[str, bytes], ...]  # only forwarded for passthrough_auth targets
     next_target: Target
+    endpoint: Endpoint = CHAT_COMPLETIONS  # what the client called: its API family, the kind of model it needs
+    body: bytes = b""  # the client's body as it sent it: every attempt is built from it
+    model: ModelField | None = None  # where the model value is in `body` (None: no model to rewrite)
+    pinned: bool = False  # refers to state its provider keeps: never fail over to another provider
+    parsed: Any = None  # `body` as JSON, once a translation needed it
+    refused: dict[Any, str] = field(default_factory=dict)  # API → why the body cannot be translated to it ("" : it can)
     not_before: float = 0.0  # the next attempt waits until then (backoff, Retry-After)
     attempts: list[Attempt] = field(default_factory=list)
     blocks: Blocks = field(default_factory=Blocks)  # apply_to: request

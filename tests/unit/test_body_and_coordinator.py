@@ -9,6 +9,7 @@ from controlplane.config import parse_config
 from extproc.body import BadBody, find_model, replace_model
 from extproc.coordinator import AttemptPlan, Coordinator
 from extproc.policy.decide import Deliver, GiveUp, Retry
+from tests.unit.helpers import req
 
 # ---- body
 
@@ -72,13 +73,13 @@ def coordinator() -> tuple[Coordinator, Clock]:
 
 def test_a_request_across_attempts() -> None:
     coord, clock = coordinator()
-    plan = coord.begin_attempt("r1", 1, "/v1/chat/completions", (("authorization", b"Bearer c"),),
+    plan = coord.begin_attempt("r1", 1, req("/v1/chat/completions", (("authorization", b"Bearer c"),)),
                                b'{"model": "a/one"}')
     assert isinstance(plan, AttemptPlan)
     assert plan.target.key == "a/one" and plan.body == b'{"model": "one"}' and plan.state.not_before == 0.0
     decision = coord.end_attempt("r1", 503, "via_upstream", None)
     assert isinstance(decision, Retry) and decision.wait == 0.5
-    plan = coord.begin_attempt("r1", 2, "/v1/rewritten-by-attempt-1", (), b'{"model": "one"}')
+    plan = coord.begin_attempt("r1", 2, req("/v1/rewritten-by-attempt-1", ()), b'{"model": "one"}')
     assert plan.state.not_before == 1000.5 and plan.state.client_path == "/v1/chat/completions"
     assert plan.state.client_credentials == (("authorization", b"Bearer c"),)
     clock.now = 1000.6
@@ -89,9 +90,9 @@ def test_a_request_across_attempts() -> None:
 
 def test_unplanned_envoy_retry_counts_as_a_connection_failure() -> None:
     coord, _ = coordinator()
-    coord.begin_attempt("r1", 1, "/v1/x", (), b'{"model": "a/one"}')
+    coord.begin_attempt("r1", 1, req("/v1/x", ()), b'{"model": "a/one"}')
     # no response headers: the internal hop reset and Envoy retried on its own
-    plan = coord.begin_attempt("r1", 2, "/v1/x", (), b'{"model": "a/one"}')
+    plan = coord.begin_attempt("r1", 2, req("/v1/x", ()), b'{"model": "a/one"}')
     assert isinstance(plan, AttemptPlan)
     assert plan.state.attempts[0].outcome.error_type == "connection_error"
     assert plan.state.attempt_number == 2
@@ -99,23 +100,23 @@ def test_unplanned_envoy_retry_counts_as_a_connection_failure() -> None:
 
 def test_bad_requests_become_client_errors() -> None:
     coord, _ = coordinator()
-    error = coord.begin_attempt("r1", 1, "/v1/x", (), b"{oops")
+    error = coord.begin_attempt("r1", 1, req("/v1/x", ()), b"{oops")
     assert isinstance(error, ApiError) and error.status == 400
-    error = coord.begin_attempt("r2", 1, "/v1/x", (), b'{"model": "zzz"}')
+    error = coord.begin_attempt("r2", 1, req("/v1/x", ()), b'{"model": "zzz"}')
     assert isinstance(error, ApiError) and error.status == 404 and "a/one" in error.message
     assert coord.requests == {}
 
 
 def test_no_policy_passes_through_and_exhaustion_cleans_up() -> None:
     coord, _ = coordinator()
-    coord.begin_attempt("r1", 1, "/v1/x", (), b'{"model": "b/two"}')
+    coord.begin_attempt("r1", 1, req("/v1/x", ()), b'{"model": "b/two"}')
     decision = coord.end_attempt("r1", 429, "via_upstream", "3")
     assert isinstance(decision, Deliver)
-    coord.begin_attempt("r2", 1, "/v1/x", (), b'{"model": "a/one"}')
+    coord.begin_attempt("r2", 1, req("/v1/x", ()), b'{"model": "a/one"}')
     coord.end_attempt("r2", 500, "via_upstream", None)
-    coord.begin_attempt("r2", 2, "/v1/x", (), b'{"model": "a/one"}')
+    coord.begin_attempt("r2", 2, req("/v1/x", ()), b'{"model": "a/one"}')
     coord.end_attempt("r2", 500, "via_upstream", None)
-    plan = coord.begin_attempt("r2", 3, "/v1/x", (), b'{"model": "a/one"}')
+    plan = coord.begin_attempt("r2", 3, req("/v1/x", ()), b'{"model": "a/one"}')
     decision = coord.end_attempt("r2", 500, "via_upstream", None)
     assert decision == GiveUp(500, "max_attempts") and plan.state.attempt_number == 3
     assert coord.requests == {}
@@ -123,7 +124,7 @@ def test_no_policy_passes_through_and_exhaustion_cleans_up() -> None:
 
 def test_abandoned_requests_are_swept() -> None:
     coord, clock = coordinator()
-    coord.begin_attempt("gone", 1, "/v1/x", (), b'{"model": "a/one"}')
+    coord.begin_attempt("gone", 1, req("/v1/x", ()), b'{"model": "a/one"}')
     clock.now += 60
     assert coord.sweep() == 0
     clock.now += coord.state_ttl

@@ -16,6 +16,7 @@ from controlplane.errors import ConfigError
 from extproc.auth import authenticate
 from extproc.body import BadBody, find_model
 from extproc.coordinator import AttemptPlan, Coordinator
+from tests.unit.helpers import req
 
 BASE = "model_providers: [{model: a/x, base_url: 'http://127.0.0.1:1', access_key: sk-a-0123456789}]\n"
 
@@ -122,7 +123,7 @@ def test_gateway_key_semantic_errors() -> None:
     ("a: " + "{b: " * 100_000 + "1" + "}" * 100_000, "nests deeper than 64 levels"),
     ("[" * 100_000 + "]" * 100_000, "nests deeper than 64 levels"),
     ("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefg", "bcdefgh")),
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefg", "bcdefgh", strict=True)),
      "expands to more than 2000000 values"),
     ("x" * (17 << 20), "a config may be at most 16 MiB"),
 ], ids=["deep-mapping", "deep-list", "alias-bomb", "huge"])
@@ -188,10 +189,10 @@ def test_key_restricted_to_models() -> None:
                            " {model: b/y, base_url: 'http://127.0.0.1:2'}]", {}).gateway
     ro = next(iter(gateway.client_keys.values()))
     coord = Coordinator(gateway)
-    assert isinstance(coord.begin_attempt("r1", 1, "/v1/x", (), b'{"model": "a/x"}', ro), AttemptPlan)
-    denied = coord.begin_attempt("r2", 1, "/v1/x", (), b'{"model": "b/y"}', ro)
+    assert isinstance(coord.begin_attempt("r1", 1, req("/v1/x", (), ro), b'{"model": "a/x"}'), AttemptPlan)
+    denied = coord.begin_attempt("r2", 1, req("/v1/x", (), ro), b'{"model": "b/y"}')
     assert isinstance(denied, ApiError) and denied.status == 403 and "'ro' may not use model 'b/y'" in denied.message
-    unknown = coord.begin_attempt("r3", 1, "/v1/x", (), b'{"model": "zz"}', ro)
+    unknown = coord.begin_attempt("r3", 1, req("/v1/x", (), ro), b'{"model": "zz"}')
     assert isinstance(unknown, AttemptPlan) and unknown.target.key == "a/x"  # the default, which ro may use
 
 
@@ -226,7 +227,7 @@ JSONISH = st.recursive(
                  st.text(alphabet='{}[]":,\\ model0123456789truefalsenull', max_size=48).map(str.encode)))
 def test_any_body_is_answered_never_raised(body: bytes) -> None:
     coord = Coordinator(parse_config(BASE.replace("}]", ", default: true}]"), {}).gateway)
-    result = coord.begin_attempt("r", 1, "/v1/chat/completions", (), body)
+    result = coord.begin_attempt("r", 1, req("/v1/chat/completions", ()), body)
     assert isinstance(result, AttemptPlan | ApiError)
     if isinstance(result, ApiError):
         assert result.status in (400, 404)

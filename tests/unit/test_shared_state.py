@@ -19,6 +19,7 @@ from extproc.policy.decide import Deliver, GiveUp, Retry, first_target, next_att
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
+from tests.unit.helpers import req
 from tests.unit.test_body_and_coordinator import Clock
 
 RULE = LatencyRule(threshold=1.0, measure="ttfb", min_triggers=2, window=10.0, block_for=30.0,
@@ -242,7 +243,7 @@ model_providers:
     for measure in ("ttfb", "total"):
         clock = Clock()
         coord = Coordinator(parse_config(config.replace("MEASURE", measure), {}).gateway, clock=clock)
-        plan = coord.begin_attempt("r", 1, "/v1/x", (), b'{"model": "a/t"}')
+        plan = coord.begin_attempt("r", 1, req("/v1/x"), b'{"model": "a/t"}')
         clock.now += 0.4  # headers after 0.4 s
         decision = coord.end_attempt("r", 200, "via_upstream", None)
         assert decision == Deliver(until_last_byte=measure == "total")
