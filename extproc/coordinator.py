@@ -66,8 +66,10 @@ class Coordinator:
         it authenticated with, when the gateway requires one."""
         now = self.clock()
         state = self.requests.get(request_id)
-        if state is None or envoy_attempt <= 1:
+        if envoy_attempt <= 1:
             return self._first_attempt(request_id, path, credentials, body, client, now)
+        if state is None:  # a retry whose history died with another worker: its headers are not the client's
+            return apierrors.state_lost()
         current = state.current
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.
