@@ -44,6 +44,7 @@ __all__ = [
     "not_found",
     "request_timeout",
     "request_too_large",
+    "state_lost",
     "unauthenticated",
 ]
 
@@ -133,6 +134,12 @@ def internal_error() -> ApiError:
 
 def gateway_unavailable(message: str) -> ApiError:
     return ApiError(503, "gateway_unavailable", message, retryable=True)
+
+
+def state_lost() -> ApiError:
+    return ApiError(502, "gateway_failed", "sidestep lost this request's history between two attempts (its "
+                                          "request processor restarted); an earlier attempt may have reached a "
+                                          "provider. Check `sidestep logs extproc` before retrying.")
 
 
 def gateway_failed_after_sending() -> ApiError:

@@ -103,7 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     workers, concurrency = _workers(args.workers), _envoy_concurrency()  # bad values fail before a restart
     running = rundir.read_stack() if rundir.supervisor_pid() is not None else None
     listener = loaded.gateway.listener
-    if running is None or (running.listener_address, running.listener_port) != (listener.address, listener.port):
+    if running is None or running.listener_port != listener.port:  # the running stack's port will be free
         _check_port_free(listener.address, listener.port)
     rundir.ensure()
     stack, bootstrap = _plan_stack(rundir, loaded, str(source), workers, concurrency)

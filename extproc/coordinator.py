@@ -96,10 +96,10 @@ class Coordinator:
         (later attempts' headers carry what earlier ones set)."""
         now = self.clock()
         state = self.requests.get(request_id)
-        if state is None or envoy_attempt <= 1:
-            if request is None:
-                return apierrors.internal_error()
+        if envoy_attempt <= 1 and request is not None:
             return self._first_attempt(request_id, request, body, now)
+        if state is None:  # a retry whose history died with another worker: its headers are not the client's
+            return apierrors.state_lost()
         current = state.current
         if current is not None and current.outcome is None:
             # Envoy retried on its own (reset of the internal hop): the attempt never answered.

@@ -66,8 +66,10 @@ class Replies:
                     header(":authority", target.upstream.authority)]
             sets += [header(k, v) for k, v in target.extra_headers]
             removes = sorted(extra_names - {k for k, _ in target.extra_headers})
-            if target.passthrough_auth or not target.keys:
+            if target.passthrough_auth:  # `attempt` sets the client's credentials and removes the rest
                 self._static[(target.key, 0)] = (sets, removes)
+            elif not target.keys:  # a provider without a key still never gets the client's credentials
+                self._static[(target.key, 0)] = (sets, removes + list(api.CLIENT_CREDENTIAL_HEADERS))
             for index, key in enumerate(target.keys):  # one reply shape per key of a pool
                 sent = {k for k, _ in key.headers}
                 self._static[(target.key, index)] = (

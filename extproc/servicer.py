@@ -114,13 +114,14 @@ class AttemptProcessor:
         servicer = self.servicer
         request: ClientRequest | None = None
         if head.attempt <= 1:  # later attempts' headers carry what earlier ones set
-            request = self._client_request(head)
-            if isinstance(request, ApiError):
-                await self._error(request, 0)
+            first = self._client_request(head)
+            if isinstance(first, ApiError):
+                await self._error(first, 0)
                 return None
-            if request.endpoint.body == "answered":
-                await self.context.write(self.replies.models(head.path, request.client, self.caller))
+            if first.endpoint.body == "answered":
+                await self.context.write(self.replies.models(head.path, first.client, self.caller))
                 return None
+            request = first
         if head.end_of_stream:  # nothing to buffer: route it with the headers
             if request is not None and request.endpoint.body != "none":
                 await self._error(apierrors.invalid_request("a request body is required"), 0)

@@ -33,7 +33,8 @@ def lint(config: SidestepConfig) -> list[ConfigIssue]:
                 warnings.append(ConfigIssue(f"listeners[{i}].{field}", "Plano setting accepted but ignored"))
     section = "model_providers" if config.model_providers else "llm_providers"
     providers = config.providers()
-    configured = {p.model for p in providers}
+    by_model = {p.model: p for p in providers}
+    configured = set(by_model)
     for i, entry in enumerate(providers):
         here = f"{section}[{i}] ({entry.model})"
         if entry.routing_preferences is not None:
@@ -42,7 +43,7 @@ def lint(config: SidestepConfig) -> list[ConfigIssue]:
             warnings.append(ConfigIssue(f"{here}.access_key", "ignored: passthrough_auth forwards the client's key"))
         if entry.retry_policy is not None:
             warnings.extend(_lint_policy(f"{here}.retry_policy", entry.model, entry.retry_policy, configured))
-            warnings.extend(_lint_fallbacks(f"{here}.retry_policy", entry, providers))
+            warnings.extend(_lint_fallbacks(f"{here}.retry_policy", entry, by_model))
     return warnings
 
 
@@ -97,11 +98,10 @@ def _lint_policy(here: str, primary: str, policy: RetryPolicy, configured: set[s
     return warnings
 
 
-def _lint_fallbacks(here: str, primary: ModelProvider, providers: list[ModelProvider]) -> list[ConfigIssue]:
+def _lint_fallbacks(here: str, primary: ModelProvider, by_model: dict[str, ModelProvider]) -> list[ConfigIssue]:
     """A listed fallback that can never serve the primary's requests: another kind of model, or another
     API family for requests sidestep cannot translate."""
     warnings: list[ConfigIssue] = []
-    by_model = {p.model: p for p in providers}
     kind = primary.kind or model_kind(primary.model.partition("/")[2])
     api = provider_api(primary)
     for j, name in enumerate(primary.retry_policy.fallback_models if primary.retry_policy else []):

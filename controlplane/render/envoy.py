@@ -157,11 +157,12 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "sidestep",
         "use_remote_address": True,  # Envoy generates x-request-id: request state is keyed by it
-        # one spelling per path before routing: /v1/../x, /v1/%2e%2e/x and //v1//x cannot sneak past
-        # the exact-path routes, and an encoded slash is refused rather than guessed at
+        # one spelling per path before routing: /v1/../x, /v1/%2e%2e/x, /v1%2F..%2Fx and //v1//x are
+        # resolved before the exact-path routes see them (an SDK encodes the slash of a model id like
+        # openai/gpt-4o in /v1/models/{id} as %2F)
         "normalize_path": True,
         "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "stream_idle_timeout": _dur(spec.stream_idle_timeout),
         # a client that trickles its request is cut off (408); the timer stops once the request is in,
         # so waits between attempts are not counted
@@ -214,11 +215,16 @@ def _local_replies(gateway: Gateway) -> dict[str, Any]:
         (_status_filter(413), apierrors.request_too_large(spec.max_request_body_bytes), None),
         (_status_filter(408), apierrors.request_timeout(spec.request_timeout), None),
     ]
+    # Envoy's own refusals of what a client sent (a malformed request, a path it cannot normalize):
+    # the client's error, with Envoy's reason
+    known.append((_and(_status_filter(400, "GE"), _status_filter(499, "LE")), apierrors.invalid_request(
+        "the request was refused before reaching sidestep's processor: %RESPONSE_CODE_DETAILS%"), None))
     for status_filter, error, status in known:
-        for caller in Api:
-            mapper: dict[str, Any] = {
-                "filter": _and(status_filter, _caller_filter(caller)),
-                "body_format_override": _json_format(error, caller)}
+        # Anthropic's callers first; the second mapper has no path condition, because a request
+        # refused before its headers were complete has no path at all
+        for caller, condition in ((Api.ANTHROPIC, _and(status_filter, _caller_filter(Api.ANTHROPIC))),
+                                  (Api.OPENAI, status_filter)):
+            mapper: dict[str, Any] = {"filter": condition, "body_format_override": _json_format(error, caller)}
             if status is not None:
                 mapper["status_code"] = status
             mappers.append(mapper)
@@ -241,8 +247,8 @@ def _caller_filter(caller: Api) -> dict[str, Any]:
     return _cel(_ANTHROPIC_CALLER if caller is Api.ANTHROPIC else f"!{_ANTHROPIC_CALLER}")
 
 
-def _status_filter(status: int) -> dict[str, Any]:
-    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+def _status_filter(status: int, op: str = "EQ") -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": op, "value": {
         "default_value": status, "runtime_key": "sidestep.unused"}}}}
 
 

@@ -39,17 +39,18 @@ def exhausted(state: RequestState, give_up: GiveUp) -> ApiError:
         last = attempts[-1]
         message = (f"All {len(attempts)} attempt(s) failed; the last, to {last['model']}, "
                    f"ended with {last['error_type']} ({last['status']})")
-        said = state.attempts[-1].error
-        if said is not None and said.message:
-            message += f": {said.message[:500]}"
+        last_said = state.attempts[-1].error
+        if last_said is not None and last_said.message:
+            message += f": {last_said.message[:500]}"
         message += f". Gave up: {why}."
     else:
         message = f"No attempt was made: {why}."
     if give_up.retry_after is not None:
         message += f" Retry after {give_up.retry_after}s."
     details: dict[str, Any] = {"code": give_up.reason, "attempts": attempts, "total_attempts": len(attempts)}
-    if attempts and "provider_error" in attempts[-1]:
-        details["provider_error"] = {"status": attempts[-1]["status"], **attempts[-1]["provider_error"]}
+    said = state.attempts[-1].error if state.attempts else None
+    if said is not None and said.as_dict():
+        details["provider_error"] = {"status": attempts[-1]["status"], **said.as_dict()}
     if give_up.retry_after is not None:
         details["retry_after"] = give_up.retry_after
     return ApiError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)

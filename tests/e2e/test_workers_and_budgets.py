@@ -68,9 +68,14 @@ def test_killing_a_worker_under_load_loses_no_request_silently(make_stack, provi
 
     errors = [r for r in results if r[0] != 200]
     assert not [r for r in errors if r[0] == "transport error"], errors[:3]
-    for status, content_type, body, _ in errors:  # every failure is an explicit, retryable JSON error
-        assert status == 503 and content_type == "application/json", (status, body)
-        assert b'"gateway_unavailable"' in body
+    # only the requests in flight on the dead worker fail, each with an explicit JSON error: 502 when
+    # the attempt had gone on to the provider (it may have received it), 503 when it had not; every
+    # later request is retried by Envoy on the other worker
+    for status, content_type, body, _ in errors:
+        assert content_type == "application/json", (status, body)
+        assert (status, b'"gateway_failed"' in body) == (502, True) or \
+            (status, b'"gateway_unavailable"' in body) == (503, True), (status, body)
+    assert len(errors) <= 8, errors  # at most one per client thread: those in flight at the kill
     assert max(r[3] for r in results) < 5  # nobody hung
     assert sum(1 for r in results if r[0] == 200) > 50
     assert len(errors) < len(results) / 4, f"{len(errors)} of {len(results)} failed"
