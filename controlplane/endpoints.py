@@ -30,6 +30,7 @@ class Endpoint:
     kind: str  # the kind of model it needs ("chat", "embeddings", …): failover stays within it
     body: str  # "json" | "multipart" | "none" | "answered"
     translatable: bool = False  # an OpenAI Chat ⇄ Anthropic Messages request sidestep can translate
+    streams: bool = False  # may ask for an SSE stream (`"stream": true`), held until its commit point
     pattern: bool = False
 
     @property
@@ -39,11 +40,11 @@ class Endpoint:
 
 _ID = "[A-Za-z0-9_.:-]+"
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("POST", "/v1/chat/completions", Api.OPENAI, "chat", "json", translatable=True),
-    Endpoint("POST", "/v1/messages", Api.ANTHROPIC, "chat", "json", translatable=True),
+    Endpoint("POST", "/v1/chat/completions", Api.OPENAI, "chat", "json", translatable=True, streams=True),
+    Endpoint("POST", "/v1/messages", Api.ANTHROPIC, "chat", "json", translatable=True, streams=True),
     Endpoint("POST", "/v1/messages/count_tokens", Api.ANTHROPIC, "chat", "json"),
-    Endpoint("POST", "/v1/responses", Api.OPENAI, "chat", "json"),
-    Endpoint("POST", "/v1/completions", Api.OPENAI, "chat", "json"),
+    Endpoint("POST", "/v1/responses", Api.OPENAI, "chat", "json", streams=True),
+    Endpoint("POST", "/v1/completions", Api.OPENAI, "chat", "json", streams=True),
     Endpoint("POST", "/v1/embeddings", Api.OPENAI, "embeddings", "json"),
     Endpoint("POST", "/v1/moderations", Api.OPENAI, "moderation", "json"),
     Endpoint("POST", "/v1/images/generations", Api.OPENAI, "images", "json"),

@@ -31,14 +31,19 @@ MODELS_PATH = "/v1/models"  # GET; answered by sidestep itself (only the models 
 # after a dead ext_proc reads it to tell "may have reached a provider" from "was not sent".
 METADATA_NAMESPACE = "sidestep"
 SENT_METADATA = "sent"
+# Set by Envoy's json_to_metadata from a request's `"stream"`: streamed answers take the attempts
+# clusters whose ext_proc holds the response until its commit point.
+STREAM_METADATA = "stream"
+# gRPC metadata on each ext_proc stream: "held" from those clusters' filter, "attempts" otherwise.
+FILTER_METADATA_KEY = "x-sidestep-filter"
 
 # Envoy's names.
 def extproc_cluster(worker: int) -> str:
     return f"sidestep_extproc_{worker}"
 
 
-def attempts_cluster(worker: int) -> str:
-    return f"sidestep_attempts_{worker}"
+def attempts_cluster(worker: int, *, held: bool = False) -> str:
+    return f"sidestep_{'held' if held else 'attempts'}_{worker}"
 
 
 DISPATCH_LISTENER = "sidestep_dispatch"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from controlplane import apierrors
+from controlplane import internalapi as api
 from controlplane.apierrors import ApiError
 from controlplane.config.runtime import ClientKey, Gateway, Target
 from controlplane.endpoints import Endpoint
@@ -170,6 +171,10 @@ class Coordinator:
             field = ModelField(form.value, form.start, form.end)
         else:
             requested = request.model_header
+            if requested is None and self.gateway.default is None:
+                return apierrors.invalid_request(
+                    f"{endpoint.method} {endpoint.path.strip('^$')} goes to the provider of the model named in "
+                    f"{api.MODEL_REQUEST_HEADER}, or of the default model, and none is configured")
         primary = self._primary(requested, request.client)
         if isinstance(primary, ApiError):
             return primary

@@ -100,11 +100,18 @@ class Replies:
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
 
     def delivered(self, target: Target, attempts: int, *, body: Body = Body.PASS,
-                  no_retry: bool = False) -> pb.ProcessingResponse:
+                  no_retry: bool = False, length: int | None = None) -> pb.ProcessingResponse:
         """Response-headers reply for a response the client gets: which model, after how many attempts.
 
         `body`: what happens to the response body (`Body`). `no_retry`: an error the policy decided
-        not to retry, marked so the client's SDK does not run the whole failover again."""
+        not to retry, marked so the client's SDK does not run the whole failover again. `length`: a
+        body translated whole before the headers leave (the held filter): its JSON and length."""
+        if length is not None:
+            reply = pb.ProcessingResponse()
+            reply.CopyFrom(self.delivered(target, attempts, no_retry=no_retry))
+            reply.response_headers.response.header_mutation.set_headers.extend(
+                [header("content-type", "application/json"), header("content-length", str(length))])
+            return reply
         key = (target.key, attempts, body, no_retry)
         reply = self._delivered.get(key)
         if reply is None:

@@ -33,6 +33,7 @@ from controlplane import internalapi as api
 from controlplane.apierrors import Api, ApiError, api_for_path
 from controlplane.endpoints import find_endpoint
 from extproc.auth import Credentials, authenticate
+from extproc.commit import CommitPeek, StreamError
 from extproc.coordinator import AttemptPlan, ClientRequest, Coordinator
 from extproc.mutations import Body, Replies
 from extproc.policy.decide import Deliver, GiveUp, Retry
@@ -72,7 +73,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.too_large = {caller: self.replies.error(too_large, 0, caller) for caller in Api}
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
-        processor = AttemptProcessor(self, context)
+        held = any(k == api.FILTER_METADATA_KEY and v == "held" for k, v in context.invocation_metadata() or ())
+        processor = AttemptProcessor(self, context, held=held)
         try:
             await processor.run()
         except asyncio.CancelledError:
@@ -88,11 +90,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 class AttemptProcessor:
     """One Envoy stream: one attempt of one request, from its request headers to its response."""
 
-    def __init__(self, servicer: ExtProcServicer, context: aio.ServicerContext) -> None:
+    def __init__(self, servicer: ExtProcServicer, context: aio.ServicerContext, *, held: bool = False) -> None:
         self.servicer = servicer
         self.coordinator = servicer.coordinator
         self.replies = servicer.replies
         self.context = context
+        self.held = held  # from the filter that sends the response body without waiting (streamed answers)
         self.caller = Api.OPENAI  # the client's API family: the shape of any error we answer with
 
     async def run(self) -> None:
@@ -107,7 +110,14 @@ class AttemptProcessor:
         message = await self.context.read()
         if message is aio.EOF or not message.HasField("response_headers"):
             return
-        await self._respond(head.request_id, plan, message.response_headers)
+        if self.held:
+            inbox = _Inbox(self.context)
+            try:
+                await self._respond_held(head.request_id, plan, message.response_headers, inbox)
+            finally:
+                inbox.close()
+        else:
+            await self._respond(head.request_id, plan, message.response_headers)
 
     async def _request(self, head: RequestHead) -> AttemptPlan | None:
         """Route the attempt (answering the client ourselves where that is all there is to do)."""
@@ -235,22 +245,134 @@ class AttemptProcessor:
             return
         if until_last_byte:
             self.coordinator.response_complete(state)
-        if status >= 400:
-            out = module.translate_error(status, whole)
-        else:
-            try:
-                out = module.translate_response(whole, model=plan.target.model_id, created=created)
-            except Untranslatable as exc:  # the provider's answer is not one: say so in the client's shape
-                log.warning("untranslatable response from %s: %s", plan.target.key, exc)
-                out = apierrors.ApiError(502, "bad_provider_response",
-                                         f"{plan.target.key} answered with something that is not a valid "
-                                         f"response: {exc}").body(self.caller)
-        await self.context.write(Replies.whole_body(out))
+        await self.context.write(Replies.whole_body(self._translate_whole(plan, status, whole)))
 
-    async def _follow_to_last_byte(self, plan: AttemptPlan) -> None:
+    async def _respond_held(self, request_id: str, plan: AttemptPlan, headers: pb.HttpHeaders,
+                            inbox: _Inbox) -> None:
+        """A streamed answer: Envoy sends us its body as it arrives while we hold the headers, until the
+        commit point — the first content event. A provider that opens a 200 stream and then sends an
+        error event, garbage, or nothing within the attempt timeout is failed over before the client
+        sees a byte. After the commit point an untranslated stream flows through Envoy alone: we
+        answer what we hold and close our side."""
+        status, details, retry_after, content_type = _scan_response(headers)
+        attempt = plan.state.current
+        pending: list[tuple[bytes, bool]] = []
+        ended = headers.end_of_stream
+        said: ProviderError | None = None
+        if status < 400 and content_type.startswith("text/event-stream") and not ended:
+            peek = CommitPeek()
+            first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.target.attempt_timeout
+            held = 0
+            while True:
+                item = await inbox.get(first_token - self.coordinator.clock())
+                if item is _TIMED_OUT:
+                    status, details = 504, "upstream_per_try_timeout"  # no content in time: a timeout
+                    break
+                if item is None:
+                    return  # Envoy ended the stream (the provider reset it; the router retries)
+                assert isinstance(item, tuple)
+                pending.append(item)
+                ended = item[1]
+                held += len(item[0])
+                verdict = peek.feed(item[0])
+                if isinstance(verdict, StreamError):
+                    status, details = verdict.status, "via_upstream"
+                    said = ProviderError(verdict.type, verdict.code, verdict.message)
+                    log.info("error event before any content from %s: %s %s", plan.target.key, verdict.status,
+                             verdict.type or verdict.code)
+                    break
+                if verdict is not None or ended or held > HOLD_LIMIT:
+                    break
+        else:  # an error or a JSON body: Envoy sends it all without asking; read it whole
+            while not ended:
+                item = await inbox.get(None)
+                if item is None or item is _TIMED_OUT:
+                    return
+                assert isinstance(item, tuple)
+                pending.append(item)
+                ended = item[1]
+            if status >= 400:
+                said = ProviderError(*provider_error(plan.target.api, b"".join(c for c, _ in pending)))
+        decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
+        if attempt is not None and said is not None:
+            attempt.error = said
+        attempts = plan.state.attempt_number
+        if isinstance(decision, Retry):
+            await self.context.write(self.replies.retry("response_headers"))
+            for _ in pending:  # Envoy waits for an answer to every chunk it sent before it retries
+                await self.context.write(Replies.CONTINUE_BODY)
+        elif isinstance(decision, GiveUp):
+            await self._error(exhausted(plan.state, decision), attempts)
+        else:
+            await self._deliver_held(plan, status, pending, ended, inbox, decision.until_last_byte)
+
+    async def _deliver_held(self, plan: AttemptPlan, status: int, pending: list[tuple[bytes, bool]], ended: bool,
+                            inbox: _Inbox, until_last_byte: bool) -> None:
+        state = plan.state
+        attempts = state.attempt_number
+        no_retry = status >= 400 and state.primary.policy is not None and state.endpoint.fails_over
+        translation = plan.translation
+        if translation is not None and ended and not (status < 400 and len(pending) > 1):
+            # a whole body (an error, or JSON where a stream was asked for): translate it at once
+            whole = b"".join(c for c, _ in pending)
+            out = self._translate_whole(plan, status, whole)
+            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+                                                            length=len(out)))
+            for index, _ in enumerate(pending):
+                await self.context.write(Replies.chunk(out if index == 0 else b""))
+            if until_last_byte:
+                self.coordinator.response_complete(state)
+            return
+        if translation is None:
+            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry))
+            for _ in pending:
+                await self.context.write(Replies.CONTINUE_BODY)
+            if until_last_byte and not ended:
+                await self._follow_to_last_byte(plan, inbox)
+            elif until_last_byte:
+                self.coordinator.response_complete(state)
+            return  # the rest of the stream flows through Envoy; closing our side lets it
+        stream = translation.module.StreamTranslator(model=plan.target.model_id, created=int(time.time()),
+                                                     include_usage=translation.include_usage)
+        await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
+        chunks = iter(pending)
+        while True:
+            item = next(chunks, None) or await inbox.get(None)
+            if item is None or item is _TIMED_OUT:
+                return
+            assert isinstance(item, tuple)
+            data, last = item
+            out = stream.feed(data)
+            if last:
+                out += stream.close()
+                if until_last_byte:
+                    self.coordinator.response_complete(state)
+            await self.context.write(Replies.chunk(out))
+            if last:
+                return
+
+    def _translate_whole(self, plan: AttemptPlan, status: int, body: bytes) -> bytes:
+        """A provider's whole response body in the client's API (an error keeps its status)."""
+        assert plan.translation is not None
+        module = plan.translation.module
+        if status >= 400:
+            return module.translate_error(status, body)  # type: ignore[no-any-return]
+        try:
+            return module.translate_response(body, model=plan.target.model_id,  # type: ignore[no-any-return]
+                                             created=int(time.time()))
+        except Untranslatable as exc:  # the provider's answer is not one: say so in the client's shape
+            log.warning("untranslatable response from %s: %s", plan.target.key, exc)
+            return apierrors.ApiError(502, "bad_provider_response",
+                                      f"{plan.target.key} answered with something that is not a valid "
+                                      f"response: {exc}").body(self.caller)
+
+    async def _follow_to_last_byte(self, plan: AttemptPlan, inbox: _Inbox | None = None) -> None:
         """Pass the streamed body on chunk by chunk; time the response at its last byte, before the
         client gets it."""
-        while (body := await self._chunk()) is not None:
+        while (body := (await self._chunk() if inbox is None else await inbox.get(None))) is not None:
+            if body is _TIMED_OUT:
+                return
+            assert isinstance(body, tuple)
             _, last = body
             if last:
                 self.coordinator.response_complete(plan.state)
@@ -274,6 +396,48 @@ class AttemptProcessor:
 
     async def _error(self, error: ApiError, attempts: int) -> None:
         await self.context.write(self.replies.error(error, attempts, self.caller))
+
+
+_TIMED_OUT = object()
+HOLD_LIMIT = 1 << 20  # bytes of a stream held without content before it is delivered anyway
+
+
+class _Inbox:
+    """Response-body chunks as Envoy sends them (the held filter does not wait for our answers), read
+    by one task so that waiting for the next chunk can time out without cancelling a gRPC read."""
+
+    def __init__(self, context: aio.ServicerContext) -> None:
+        self._context = context
+        self._queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                message = await self._context.read()
+                if message is aio.EOF or not message.HasField("response_body"):
+                    break
+                body = message.response_body
+                await self._queue.put((body.body, body.end_of_stream))
+                if body.end_of_stream:
+                    return
+        except (asyncio.CancelledError, aio.AioRpcError, grpc.RpcError):
+            pass
+        await self._queue.put(None)
+
+    async def get(self, timeout: float | None) -> tuple[bytes, bool] | None | object:
+        """The next chunk, None when there are no more, or `_TIMED_OUT`."""
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0 and self._queue.empty():
+            return _TIMED_OUT
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(timeout, 0))
+        except TimeoutError:
+            return _TIMED_OUT
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 def _scan_request(headers: pb.HttpHeaders) -> RequestHead:

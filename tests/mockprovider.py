@@ -136,7 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
             out = json.dumps({"error": {"message": f"{self.provider.name} says {reply.status}",
                                         "code": reply.status}}).encode()
         self.send_response(reply.status)
-        self.send_header("content-type", "application/json")
+        if "content-type" not in {k.lower() for k in reply.headers}:
+            self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
         if reply.retry_after is not None:
             self.send_header("retry-after", reply.retry_after)

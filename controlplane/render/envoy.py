@@ -91,7 +91,8 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
             "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir),
                           _dispatch_listener(targets, gateway)],
             "clusters": [
-                *(_attempts_cluster(w, message_timeout) for w in range(len(sockets.extproc))),
+                *(_attempts_cluster(w, message_timeout, held) for w in range(len(sockets.extproc))
+                  for held in (False, True)),
                 *(_extproc_cluster(w, sockets.extproc) for w in range(len(sockets.extproc))),
                 *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
             ],
@@ -133,6 +134,7 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
     }
     attempts = {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}
+    held = {**_worker_choice(workers, held=True), "timeout": "0s", "retry_policy": retry_policy}
     served = ", ".join(f"{e.method} {e.path.strip('^$')}" for e in ENDPOINTS)
     unknown = apierrors.not_found(f"sidestep serves {served} and GET {api.HEALTH_PATH}")
     virtual_host = {
@@ -146,6 +148,12 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         # a provider: exact paths, matched after the HCM normalized them (dot segments, encoded dots,
         # duplicate slashes).
         "routes": [
+            # a streamed answer (`"stream": true`, read by json_to_metadata) goes through the attempts
+            # clusters whose ext_proc holds the response until its commit point
+            *({"match": {"path": e.path, "headers": [_method(e.method)], "dynamic_metadata": [{
+                "filter": api.METADATA_NAMESPACE, "path": [{"key": api.STREAM_METADATA}],
+                "value": {"bool_match": True}}]},
+               "route": held} for e in ENDPOINTS if e.streams),
             *({"match": {**({"safe_regex": {"regex": e.path}} if e.pattern else {"path": e.path}),
                          "headers": [_method(e.method)]},
                "route": attempts} for e in ENDPOINTS),
@@ -179,6 +187,12 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
                 # 200 only while Envoy's own health check finds at least one ext_proc worker serving
                 # (every worker's cluster lists all workers)
                 "cluster_min_healthy_percentages": {api.extproc_cluster(0): {"value": 100 / workers - 0.001}},
+            }},
+            # `"stream": true` in a JSON body becomes metadata the routes above match on
+            {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "request_rules": {"rules": [{"selectors": [{"key": "stream"}], "on_present": {
+                    "metadata_namespace": api.METADATA_NAMESPACE, "key": api.STREAM_METADATA}}]},
             }},
             _router(),
         ],
@@ -315,22 +329,36 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
     }
 
 
-def _worker_choice(workers: int) -> dict[str, Any]:
+def _worker_choice(workers: int, *, held: bool = False) -> dict[str, Any]:
     """Route to one worker's attempts cluster, chosen once per request (retries stay with it)."""
     if workers == 1:
-        return {"cluster": api.attempts_cluster(0)}
+        return {"cluster": api.attempts_cluster(0, held=held)}
     return {"weighted_clusters": {"clusters": [
-        {"name": api.attempts_cluster(w), "weight": 1} for w in range(workers)]}}
+        {"name": api.attempts_cluster(w, held=held), "weight": 1} for w in range(workers)]}}
 
 
-def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
-    name = api.attempts_cluster(worker)
+def _attempts_cluster(worker: int, message_timeout: float, held: bool = False) -> dict[str, Any]:
+    """Worker `worker`'s attempts; `held`: for streamed answers, whose ext_proc receives the response
+    body as it arrives, before it answers the response headers, so it can hold them until the
+    stream's commit point (`extproc/commit.py`). Mode overrides do not work in such a filter, so it
+    has its own cluster, chosen by the route."""
+    name = api.attempts_cluster(worker, held=held)
+    processing_mode = {
+        "request_header_mode": "SEND",  # SKIP would let headers leave before the target is set
+        "request_body_mode": "BUFFERED",
+        "response_header_mode": "SEND",
+        "response_body_mode": "STREAMED" if held else "NONE",  # NONE: switched per attempt with mode_override
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {
                 "envoy_grpc": {"cluster_name": api.extproc_cluster(worker)},
+                # tells the ext_proc which of the two filters a stream comes from
+                "initial_metadata": [{"key": api.FILTER_METADATA_KEY, "value": "held" if held else "attempts"}],
                 # a worker that just died refuses the stream, or resets it before answering anything:
                 # retry it on the next worker in priority order (or, with one worker, on the restarted
                 # one) instead of failing the request. A stream the worker already answered is never
@@ -349,15 +377,9 @@ def _attempts_cluster(worker: int, message_timeout: float) -> dict[str, Any]:
             # the ext_proc marks an attempt it sent on (`api.SENT_METADATA`), so an error after its
             # death can say whether a provider may have received the request
             "metadata_options": {"receiving_namespaces": {"untyped": [api.METADATA_NAMESPACE]}},
-            "processing_mode": {
-                "request_header_mode": "SEND",  # SKIP would let headers leave before the target is set
-                "request_body_mode": "BUFFERED",
-                "response_header_mode": "SEND",
-                "response_body_mode": "NONE",  # switched per attempt with mode_override
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "allow_mode_override": True,  # without it mode_override is silently ignored
+            "processing_mode": processing_mode,
+            "allow_mode_override": not held,  # without it mode_override is silently ignored
+            "send_body_without_waiting_for_header_response": held,
             "message_timeout": _dur(message_timeout),  # longer than the longest wait the ext_proc sleeps
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
         },
