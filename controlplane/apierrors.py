@@ -10,8 +10,10 @@
     │   ├── request_timeout   408  the request was not received in time (rendered into Envoy's config)
     │   └── request_too_large 413
     ├── the providers': retry_exhausted (the last attempt's status; `extproc.policy.errors.exhausted`)
+    ├── a provider's answer that is not one: bad_provider_response 502 (an untranslatable response)
     └── sidestep's own: internal_error 500, gateway_failed 502 (its processor died after sending the
-        request on), gateway_unavailable 503, gateway_error (any other Envoy reply)
+        request on, or lost a request's history), gateway_unavailable 503, routing_header_missing 400
+        (the dispatch listener reached unrouted: a bug), gateway_error (any other Envoy reply)
 
 The ext_proc writes these as immediate responses; `controlplane.render.envoy` renders the same
 bodies (or JSON templates of them, for Envoy's own replies) into Envoy's config. Nothing else
@@ -33,6 +35,9 @@ from typing import Any
 __all__ = [
     "Api",
     "ApiError",
+    "bad_provider_response",
+    "gateway_error",
+    "routing_header_missing",
     "anthropic_type",
     "api_for_path",
     "forbidden",
@@ -125,6 +130,21 @@ def request_timeout(seconds: float) -> ApiError:
 def request_too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"the request body exceeds this listener's limit of {limit} bytes "
                                               f"(listeners[].max_request_body_bytes)")
+
+
+def bad_provider_response(model: str, reason: str) -> ApiError:
+    return ApiError(502, "bad_provider_response", f"{model} answered with something that is not a valid "
+                                                  f"response: {reason}")
+
+
+def routing_header_missing(header: str) -> ApiError:
+    return ApiError(400, "routing_header_missing", f"the attempt reached sidestep's dispatch listener without a "
+                                                   f"valid {header} header; the ext_proc did not route it")
+
+
+def gateway_error(message: str) -> ApiError:
+    """Any other reply of Envoy's own (rendered as a template: `message` is Envoy's text)."""
+    return ApiError(500, "gateway_error", message)
 
 
 def internal_error() -> ApiError:

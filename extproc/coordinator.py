@@ -218,8 +218,8 @@ class Coordinator:
     def _check_translatable(self, state: RequestState, target: Target) -> ApiError | None:
         """A 400 before any provider is called when the requested model's API cannot carry the request."""
         endpoint = state.endpoint
-        if target.api is None or target.api is endpoint.api:
-            return None
+        if target.api is None or target.api is endpoint.api or endpoint.body != "json":
+            return None  # a request without a model of its own goes to its provider as it is
         if not endpoint.translatable:
             return apierrors.invalid_request(
                 f"model {target.key!r} speaks the {target.api.value} API, and {endpoint.path} requests cannot "
@@ -284,7 +284,10 @@ class Coordinator:
                                Translation(module, translated.stream, translated.include_usage))
         body = state.body
         if state.model is not None:
-            body = replace_model(body, state.model, target.model_id)
+            if state.endpoint.body == "multipart":  # a form field's value is raw text, not JSON
+                body = body[:state.model.start] + target.model_id.encode() + body[state.model.end:]
+            else:
+                body = replace_model(body, state.model, target.model_id)
         return AttemptPlan(state, target, key, body, state.client_path)
 
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:

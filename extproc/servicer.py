@@ -362,9 +362,7 @@ class AttemptProcessor:
                                              created=int(time.time()))
         except Untranslatable as exc:  # the provider's answer is not one: say so in the client's shape
             log.warning("untranslatable response from %s: %s", plan.target.key, exc)
-            return apierrors.ApiError(502, "bad_provider_response",
-                                      f"{plan.target.key} answered with something that is not a valid "
-                                      f"response: {exc}").body(self.caller)
+            return apierrors.bad_provider_response(plan.target.key, str(exc)).body(self.caller)
 
     async def _follow_to_last_byte(self, plan: AttemptPlan, inbox: _Inbox | None = None) -> None:
         """Pass the streamed body on chunk by chunk; time the response at its last byte, before the

@@ -241,10 +241,12 @@ def _local_replies(gateway: Gateway) -> dict[str, Any]:
             mapper: dict[str, Any] = {"filter": condition, "body_format_override": _json_format(error, caller)}
             if status is not None:
                 mapper["status_code"] = status
+            if not error.retryable:  # the client's SDK must not retry what cannot succeed (or was sent)
+                mapper["headers_to_add"] = [_header(api.SHOULD_RETRY_HEADER, "false")]
             mappers.append(mapper)
     # any other reply of Envoy's own (an unreachable provider without a policy, …): mostly 5xx, so
     # Anthropic callers see api_error; Envoy's reason goes in `code`
-    generic = ApiError(500, "gateway_error", "%LOCAL_REPLY_BODY%")
+    generic = apierrors.gateway_error("%LOCAL_REPLY_BODY%")
     mappers.append({"filter": _caller_filter(Api.ANTHROPIC), "body_format_override": _json_format(generic, Api.ANTHROPIC)})
     return {"body_format": _json_format(generic, Api.OPENAI), "mappers": mappers}
 
@@ -272,9 +274,12 @@ def _and(*filters: dict[str, Any]) -> dict[str, Any]:
 
 def _json_reply(error: ApiError, caller: Api, prefix: str) -> dict[str, Any]:
     """A route answering `error` itself (no ext_proc, no provider) for paths under `prefix`."""
+    headers = [_header("content-type", "application/json")]
+    if not error.retryable:
+        headers.append(_header(api.SHOULD_RETRY_HEADER, "false"))
     return {"match": {"prefix": prefix},
             "direct_response": {"status": error.status, "body": {"inline_string": error.body(caller).decode()}},
-            "response_headers_to_add": [_header("content-type", "application/json")]}
+            "response_headers_to_add": headers}
 
 
 def _cel(expression: str) -> dict[str, Any]:
@@ -299,9 +304,7 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
         }
         for target in targets
     ]
-    routes.append(_json_reply(ApiError(400, "routing_header_missing", (
-        f"the attempt reached sidestep's dispatch listener without a valid {api.TARGET_HEADER} header; "
-        f"the ext_proc did not route it")), Api.OPENAI, "/"))
+    routes.append(_json_reply(apierrors.routing_header_missing(api.TARGET_HEADER), Api.OPENAI, "/"))
     hcm = {
         "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "dispatch",
