@@ -18,7 +18,7 @@ from types import ModuleType
 
 from controlplane import apierrors
 from controlplane import internalapi as api
-from controlplane.apierrors import ApiError
+from controlplane.apierrors import Api, ApiError
 from controlplane.config.runtime import ClientKey, Gateway, Target
 from controlplane.endpoints import Endpoint
 from controlplane.state.table import SlowResponse, StateTable, block_name
@@ -109,6 +109,11 @@ class Coordinator:
                 self.requests.pop(request_id, None)
                 return exhausted(state, decision)
         return self._plan(state, now)
+
+    def caller(self, request_id: str) -> Api | None:
+        """The API family of the client of a request in flight (the shape of its errors)."""
+        state = self.requests.get(request_id)
+        return state.endpoint.api if state is not None else None
 
     def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None) -> Decision:
         """Called with each attempt's response headers: deliver, retry (recorded), or give up."""

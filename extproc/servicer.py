@@ -103,7 +103,9 @@ class AttemptProcessor:
         if message is aio.EOF or not message.HasField("request_headers"):
             return
         head = _scan_request(message.request_headers)
-        self.caller = api_for_path(head.path)
+        # a later attempt's path is whatever the previous attempt set (perhaps the other API's)
+        known = self.coordinator.caller(head.request_id) if head.attempt > 1 else None
+        self.caller = known or api_for_path(head.path)
         plan = await self._request(head)
         if plan is None:
             return
@@ -259,7 +261,11 @@ class AttemptProcessor:
         pending: list[tuple[bytes, bool]] = []
         ended = headers.end_of_stream
         said: ProviderError | None = None
-        if status < 400 and content_type.startswith("text/event-stream") and not ended:
+        streaming = status < 400 and content_type.startswith("text/event-stream") and not ended
+        can_fail_over = plan.state.primary.policy is not None and plan.state.endpoint.fails_over
+        if streaming and not can_fail_over:
+            pass  # nothing to fail over to: deliver at once (translated or not), no commit point to wait for
+        elif streaming:
             peek = CommitPeek()
             first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.target.attempt_timeout
             held = 0
