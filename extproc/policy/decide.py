@@ -78,6 +78,8 @@ def first_target(primary: Target, order: Sequence[Target], table: StateTable, no
     """
     if primary.policy is None or not fails_over:
         return primary if table.pool_until(primary, now) <= now else _pool_exhausted(primary, table, now)
+    if table.until(primary, now) <= now:
+        return primary  # the usual case: nothing else is looked at
     everything = (primary, *(t for t in order if eligible(t)))
     for candidate in everything:
         if table.until(candidate, now) <= now:
