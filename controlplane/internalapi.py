@@ -34,7 +34,7 @@ SENT_METADATA = "sent"
 # Set by Envoy's json_to_metadata from a request's `"stream"`: streamed answers take the attempts
 # clusters whose ext_proc holds the response until its commit point.
 STREAM_METADATA = "stream"
-# gRPC metadata on each ext_proc stream: "held" from those clusters' filter, "attempts" otherwise.
+# gRPC metadata on each ext_proc stream of those clusters' filter: "held".
 FILTER_METADATA_KEY = "x-sidestep-filter"
 
 # Envoy's names.

@@ -360,8 +360,9 @@ def _attempts_cluster(worker: int, message_timeout: float, held: bool = False) -
             "@type": T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {
                 "envoy_grpc": {"cluster_name": api.extproc_cluster(worker)},
-                # tells the ext_proc which of the two filters a stream comes from
-                "initial_metadata": [{"key": api.FILTER_METADATA_KEY, "value": "held" if held else "attempts"}],
+                # tells the ext_proc a stream comes from the held filter (only there: every byte of
+                # gRPC metadata costs on every attempt)
+                **({"initial_metadata": [{"key": api.FILTER_METADATA_KEY, "value": "held"}]} if held else {}),
                 # a worker that just died refuses the stream, or resets it before answering anything:
                 # retry it on the next worker in priority order (or, with one worker, on the restarted
                 # one) instead of failing the request. A stream the worker already answered is never
