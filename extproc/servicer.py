@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -223,22 +224,9 @@ class AttemptProcessor:
             elif until_last_byte:
                 self.coordinator.response_complete(state)
             return
-        module = translation.module
-        created = int(time.time())
         if status < 400 and content_type.startswith("text/event-stream"):
             await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
-            stream = module.StreamTranslator(model=plan.target.model_id, created=created,
-                                             include_usage=translation.include_usage)
-            while (body := await self._chunk()) is not None:
-                data, last = body
-                out = stream.feed(data)
-                if last:
-                    out += stream.close()
-                    if until_last_byte:
-                        self.coordinator.response_complete(state)
-                await self.context.write(Replies.chunk(out))
-                if last:
-                    return
+            await self._translate_stream(plan, self._chunks(), until_last_byte)
             return
         await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
                                                         body=Body.TRANSLATE_WHOLE))
@@ -338,21 +326,21 @@ class AttemptProcessor:
             elif until_last_byte:
                 self.coordinator.response_complete(state)
             return  # the rest of the stream flows through Envoy; closing our side lets it
-        stream = translation.module.StreamTranslator(model=plan.target.model_id, created=int(time.time()),
-                                                     include_usage=translation.include_usage)
         await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
-        chunks = iter(pending)
-        while True:
-            item = next(chunks, None) or await inbox.get(None)
-            if item is None or item is _TIMED_OUT:
-                return
-            assert isinstance(item, tuple)
-            data, last = item
+        await self._translate_stream(plan, inbox.chunks(pending), until_last_byte)
+
+    async def _translate_stream(self, plan: AttemptPlan, chunks: AsyncIterator[tuple[bytes, bool]],
+                                until_last_byte: bool) -> None:
+        """Translate a streamed response chunk by chunk, as it arrives (never buffered whole)."""
+        assert plan.translation is not None
+        stream = plan.translation.module.StreamTranslator(model=plan.target.model_id, created=int(time.time()),
+                                                          include_usage=plan.translation.include_usage)
+        async for data, last in chunks:
             out = stream.feed(data)
             if last:
                 out += stream.close()
                 if until_last_byte:
-                    self.coordinator.response_complete(state)
+                    self.coordinator.response_complete(plan.state)
             await self.context.write(Replies.chunk(out))
             if last:
                 return
@@ -390,6 +378,11 @@ class AttemptProcessor:
         if message is aio.EOF or not message.HasField("response_body"):
             return None
         return message.response_body.body
+
+    async def _chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
+        """The streamed response-body chunks and whether each is the last."""
+        while (chunk := await self._chunk()) is not None:
+            yield chunk
 
     async def _chunk(self) -> tuple[bytes, bool] | None:
         """The next streamed response-body chunk and whether it is the last, or None."""
@@ -439,6 +432,13 @@ class _Inbox:
             return await asyncio.wait_for(self._queue.get(), max(timeout, 0))
         except TimeoutError:
             return _TIMED_OUT
+
+    async def chunks(self, held: list[tuple[bytes, bool]]) -> AsyncIterator[tuple[bytes, bool]]:
+        """The chunks held so far, then the rest as they arrive."""
+        for chunk in held:
+            yield chunk
+        while isinstance(item := await self.get(None), tuple):
+            yield item
 
     def close(self) -> None:
         self._task.cancel()
