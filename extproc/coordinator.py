@@ -25,7 +25,7 @@ from controlplane.state.table import SlowResponse, StateTable, block_name
 from extproc.auth import Credentials
 from extproc.body import BadBody, ModelField, find_model, replace_model
 from extproc.multipart import boundary_of, find_form_field
-from extproc.policy.classify import ErrorType, Outcome, classify
+from extproc.policy.classify import ErrorType, Outcome, ProviderError, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
@@ -115,13 +115,20 @@ class Coordinator:
         state = self.requests.get(request_id)
         return state.endpoint.api if state is not None else None
 
-    def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None) -> Decision:
-        """Called with each attempt's response headers: deliver, retry (recorded), or give up."""
+    def reads_errors(self, state: RequestState) -> bool:
+        """Must an error response be read before deciding? Only when a policy or a key pool decides."""
+        current = state.current
+        return state.primary.policy is not None or (current is not None and current.target.pooled)
+
+    def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None,
+                    error: ProviderError | None = None) -> Decision:
+        """Called with each attempt's response headers (and its error body, when read first): deliver,
+        retry (recorded), or give up."""
         state = self.requests.get(request_id)
         if state is None or state.current is None:
             return Deliver()
         now = self.clock()
-        outcome = classify(status, details, retry_after, self.wall_clock())
+        outcome = classify(status, details, retry_after, self.wall_clock(), error)
         decision = self._decide(request_id, state, outcome, now)
         if not isinstance(decision, Retry):
             del self.requests[request_id]

@@ -130,6 +130,20 @@ class Replies:
                 self._delivered[key] = reply
         return reply
 
+    def delivered_body(self, target: Target, attempts: int, *, no_retry: bool,
+                       body: bytes | None) -> pb.ProcessingResponse:
+        """`delivered`, as the reply to a buffered body (its headers are still held): which model,
+        how many attempts, and `body` (JSON) in place of the provider's when set."""
+        sets = [header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key), self.worker]
+        if no_retry:
+            sets.append(_NO_RETRY)
+        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
+        if body is not None:
+            common.header_mutation.set_headers.extend([header("content-type", "application/json"),
+                                                       header("content-length", str(len(body)))])
+            common.body_mutation.body = body
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
     @staticmethod
     def chunk(data: bytes) -> pb.ProcessingResponse:
         """A streamed response-body reply that replaces the chunk with `data` (a translation)."""

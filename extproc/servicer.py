@@ -37,7 +37,7 @@ from extproc.auth import Credentials, authenticate
 from extproc.commit import CommitPeek, StreamError
 from extproc.coordinator import AttemptPlan, ClientRequest, Coordinator
 from extproc.mutations import Body, Replies
-from extproc.policy.decide import Deliver, GiveUp, Retry
+from extproc.policy.decide import GiveUp, Retry
 from extproc.policy.errors import exhausted
 from extproc.policy.state import ProviderError
 from extproc.translate import Untranslatable
@@ -184,27 +184,33 @@ class AttemptProcessor:
     async def _respond(self, request_id: str, plan: AttemptPlan, headers: pb.HttpHeaders) -> None:
         status, details, retry_after, content_type = _scan_response(headers)
         attempt = plan.state.current
-        decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
-        attempts = plan.state.attempt_number
-        if isinstance(decision, Deliver):
-            await self._deliver(plan, headers, status, content_type, decision.until_last_byte)
-        elif isinstance(decision, GiveUp):
-            if not headers.end_of_stream:  # read what the provider said: the error carries it
-                await self.context.write(Replies.buffer_response_body())
-                body = await self._body()
-                if body is not None and attempt is not None:
-                    attempt.error = ProviderError(*provider_error(plan.target.api, body))
-            await self._error(exhausted(plan.state, decision), attempts)
-        elif isinstance(decision, Retry):
-            if headers.end_of_stream:
-                await self.context.write(self.replies.retry("response_headers"))
-                return
+        said: ProviderError | None = None
+        body = b""
+        # An error under a policy (or a key pool) is read before deciding: what the provider said can
+        # change where the request goes (a context window, a content policy, an empty quota), and the
+        # failed attempt's body must be read anyway before marking a retry.
+        read_first = status >= 400 and not headers.end_of_stream and self.coordinator.reads_errors(plan.state)
+        if read_first:
             await self.context.write(Replies.buffer_response_body())
-            body = await self._body()
-            if body is not None:
-                if attempt is not None:
-                    attempt.error = ProviderError(*provider_error(plan.target.api, body))
-                await self.context.write(self.replies.retry("response_body"))
+            read = await self._body()
+            if read is None:
+                return
+            body = read
+            said = ProviderError(*provider_error(plan.target.api, body))
+        decision = self.coordinator.end_attempt(request_id, status, details, retry_after, said)
+        if attempt is not None and said is not None:
+            attempt.error = said
+        attempts = plan.state.attempt_number
+        if isinstance(decision, Retry):
+            await self.context.write(self.replies.retry("response_body" if read_first else "response_headers"))
+        elif isinstance(decision, GiveUp):
+            await self._error(exhausted(plan.state, decision), attempts)
+        elif read_first:  # an error delivered as the provider said it (translated into the client's API)
+            out = self._translate_whole(plan, status, body) if plan.translation is not None else None
+            no_retry = plan.state.primary.policy is not None and plan.state.endpoint.fails_over
+            await self.context.write(self.replies.delivered_body(plan.target, attempts, no_retry=no_retry, body=out))
+        else:
+            await self._deliver(plan, headers, status, content_type, decision.until_last_byte)
 
     async def _deliver(self, plan: AttemptPlan, headers: pb.HttpHeaders, status: int, content_type: str,
                        until_last_byte: bool) -> None:
@@ -287,7 +293,7 @@ class AttemptProcessor:
                 ended = item[1]
             if status >= 400:
                 said = ProviderError(*provider_error(plan.target.api, b"".join(c for c, _ in pending)))
-        decision = self.coordinator.end_attempt(request_id, status, details, retry_after)
+        decision = self.coordinator.end_attempt(request_id, status, details, retry_after, said)
         if attempt is not None and said is not None:
             attempt.error = said
         attempts = plan.state.attempt_number

@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from controlplane.apierrors import Api
@@ -22,7 +23,9 @@ from controlplane.config.schema import (
     RetryAfterHandling,
     RetryPolicy,
     SidestepConfig,
+    StatusCodeRule,
     Strategy,
+    TimeoutRule,
 )
 
 __all__ = [
@@ -132,6 +135,8 @@ class Rule:
     label: str  # "status 429", "timeout", "default" (shown in logs and errors)
     strategy: Strategy
     max_attempts: int
+    then: Strategy | None = None  # once max_attempts are spent: go on with this strategy
+    then_max_attempts: int = 0  # retries allowed with `then`
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +187,7 @@ class Target:
     api: Api | None  # what the provider speaks; None: whatever the client speaks (never translated)
     kind: str  # "chat", "embeddings", "audio", "images" or "moderation"
     default_max_tokens: int  # for translated OpenAI requests to an Anthropic provider
+    max_input_tokens: int | None  # context window, when configured
     anthropic: bool  # authenticates Anthropic's way (x-api-key, anthropic-version)
     keys: tuple[ApiKey, ...]  # the access_key, or the access_keys pool in order; empty for passthrough
     pooled: bool  # access_keys: a 429/401/403 moves the request to the next key
@@ -407,6 +413,7 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         api=api,
         kind=entry.kind or model_kind(model_id),
         default_max_tokens=entry.default_max_tokens,
+        max_input_tokens=entry.max_input_tokens,
         anthropic=anthropic,
         keys=keys,
         pooled=entry.access_keys is not None and not entry.passthrough_auth,
@@ -433,7 +440,14 @@ def _latency_rule(spec: HighLatency | None) -> LatencyRule | None:
 
 def _policy(primary: str, spec: RetryPolicy, targets: Mapping[str, Target], listener: ListenerSpec) -> Policy:
     fallbacks = [m for m in dict.fromkeys(spec.fallback_models) if m in targets and m != primary]
-    default = Rule("default", spec.default_strategy, spec.default_max_attempts)
+    def then(rule: StatusCodeRule | TimeoutRule | None) -> dict[str, Any]:
+        strategy = (rule.then if rule is not None and rule.then else None) or spec.default_then
+        if strategy is None:
+            return {}
+        more = rule.then_max_attempts if rule is not None and rule.then_max_attempts else None
+        return {"then": strategy, "then_max_attempts": more or spec.default_max_attempts}
+
+    default = Rule("default", spec.default_strategy, spec.default_max_attempts, **then(None))
     status_rules: dict[int, Rule] = {code: default for code in DEFAULT_RETRIABLE}
     explicit: dict[int, Rule] = {}
     for rule in spec.on_status_codes:
@@ -442,6 +456,7 @@ def _policy(primary: str, spec: RetryPolicy, targets: Mapping[str, Target], list
             label=f"status {_codes_label(rule.codes)}",
             strategy=rule.strategy or spec.default_strategy,
             max_attempts=rule.max_attempts if rule.max_attempts is not None else spec.default_max_attempts,
+            **then(rule),
         )
         for code in codes:
             explicit.setdefault(code, compiled)  # the first rule listing a code wins
@@ -451,8 +466,9 @@ def _policy(primary: str, spec: RetryPolicy, targets: Mapping[str, Target], list
         "timeout",
         (timeout.strategy if timeout and timeout.strategy else spec.default_strategy),
         (timeout.max_attempts if timeout and timeout.max_attempts is not None else spec.default_max_attempts),
+        **then(timeout),
     )
-    connection_rule = Rule("connection", spec.default_strategy, spec.default_max_attempts)
+    connection_rule = Rule("connection", spec.default_strategy, spec.default_max_attempts, **then(None))
     distinct_rules = {id(r): r for r in [*status_rules.values(), timeout_rule, connection_rule]}
     budget = spec.max_retry_duration_ms / 1000 if spec.max_retry_duration_ms else None
     if listener.timeout:
@@ -465,7 +481,7 @@ def _policy(primary: str, spec: RetryPolicy, targets: Mapping[str, Target], list
         backoff=spec.backoff,
         retry_after=spec.retry_after_handling,
         max_retry_duration=budget,
-        max_retries=sum(r.max_attempts for r in distinct_rules.values()),
+        max_retries=sum(r.max_attempts + r.then_max_attempts for r in distinct_rules.values()),
         latency=_latency_rule(spec.on_high_latency),
     )
 

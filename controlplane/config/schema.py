@@ -106,7 +106,16 @@ class BlockApplyTo(StrEnum):
 StatusCodes = int | str | list[int | str]
 
 
-class StatusCodeRule(_Strict):
+class _Then(_Strict):
+    then: Strategy | None = None
+    """sidestep: once `max_attempts` are spent, go on with this strategy instead of giving up, e.g.
+    `strategy: same_model` (wait for its Retry-After), `then: different_provider` (fall back).
+    Without it a rule gives up when its attempts are spent, as in Plano."""
+    then_max_attempts: Annotated[int, Field(ge=1)] | None = None
+    """sidestep: retries allowed after switching to `then`; defaults to `default_max_attempts`."""
+
+
+class StatusCodeRule(_Then):
     codes: StatusCodes
     """Status codes this rule covers: `429`, `"500-504"`, or a list of both."""
     strategy: Strategy | None = None
@@ -115,7 +124,7 @@ class StatusCodeRule(_Strict):
     """Retries after the first attempt for these codes; defaults to `default_max_attempts`."""
 
 
-class TimeoutRule(_Strict):
+class TimeoutRule(_Then):
     strategy: Strategy | None = None
     """Where the retry after an attempt timeout goes; defaults to `default_strategy`."""
     max_attempts: Annotated[int, Field(ge=0)] | None = None
@@ -165,6 +174,8 @@ class RetryPolicy(_Strict):
     default_strategy: Strategy = Strategy.DIFFERENT_PROVIDER
     default_max_attempts: Annotated[int, Field(ge=0)] = 2
     """Retries after the first attempt, per failure class, unless a rule says otherwise."""
+    default_then: Strategy | None = None
+    """sidestep: `then` for every failure class whose rule sets none (see `on_status_codes[].then`)."""
     on_status_codes: list[StatusCodeRule] = []
     """Per-status rules. Without one: 429 and 5xx are retried, other 4xx pass through."""
     on_timeout: TimeoutRule | None = None
@@ -199,6 +210,9 @@ class ModelProvider(_Strict):
     """sidestep: what the model serves; requests only fail over to entries of their own kind. Defaults
     from the model id (`text-embedding-*`/`*embed*` embeddings, `whisper-*`/`tts-*`/`*transcribe*`
     audio, `dall-e-*`/`gpt-image-*` images, `*moderation*` moderation; anything else chat)."""
+    max_input_tokens: Annotated[int, Field(ge=1)] | None = None
+    """sidestep: the model's context window. A request refused as too long (`context_length_exceeded`)
+    fails over only to a fallback with a larger one, never to a model of the same size."""
     default_max_tokens: Annotated[int, Field(ge=1)] = 4096
     """sidestep: `max_tokens` sent to this (Anthropic) provider for a translated OpenAI request that
     set none; Anthropic requires one."""

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from controlplane.config.runtime import Policy, Rule, Target
-from controlplane.config.schema import Backoff, BackoffApplyTo, BlockApplyTo, Strategy
+from controlplane.config.schema import Backoff, BackoffApplyTo, BlockApplyTo, BlockScope, Strategy
 from controlplane.state.table import FOREVER, KeyState, StateTable
-from extproc.policy.classify import ErrorType, Outcome
+from extproc.policy.classify import ErrorType, Meaning, Outcome
 from extproc.policy.pacing import Pacer
 from extproc.policy.selection import first_available, next_target
 from extproc.policy.state import RequestState
@@ -30,6 +30,7 @@ __all__ = ["Decision", "Deliver", "GiveUp", "Retry", "backoff_delay", "first_tar
 KEY_RULE = "key"  # label of a retry with the pool's next key (counted against no rule)
 KEY_REST_DEFAULT = 60.0  # seconds a key rests after a 429 without Retry-After
 KEY_REST_MIN = 1.0  # `Retry-After: 0` must not make the same key come straight back
+QUOTA_BLOCK = 3600.0  # seconds a key (or target) out of quota or credit is left alone
 PACING = Backoff()  # the gap between paced retries when a policy sets no backoff
 
 
@@ -104,6 +105,13 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
     if outcome.ok or attempt is None:
         return DELIVER
     failed = attempt.target
+    if policy is not None and outcome.meaning is Meaning.CONTENT_POLICY:
+        return DELIVER  # every model would refuse it: the provider's reason goes to the client
+    if outcome.meaning is Meaning.QUOTA:  # out of credit: no use coming back soon, unlike a burst 429
+        outcome = Outcome(outcome.status, ErrorType.RATE_LIMITED, max(outcome.retry_after or 0.0, QUOTA_BLOCK),
+                          Meaning.QUOTA)
+        if not failed.pooled and policy is not None:
+            table.add(BlockScope.MODEL, failed, now + QUOTA_BLOCK, f"quota {outcome.status}")
     pool: GiveUp | None = None  # set when this attempt used up the target's key pool
     if failed.pooled and outcome.error_type in (ErrorType.RATE_LIMITED, ErrorType.AUTH):
         _rest_key(failed, attempt.key, outcome, table, now)
@@ -118,6 +126,8 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
         # no provider answer to pass through: say what happened instead of Envoy's text
         unanswered = outcome.error_type in (ErrorType.TIMEOUT, ErrorType.CONNECTION)
         return GiveUp(outcome.status, "no_retry_policy") if unanswered else DELIVER
+    if outcome.meaning is Meaning.CONTEXT_LENGTH:
+        return _larger_context(state, failed, order, table, now, eligible)
     rule = _rule_for(policy, outcome)
     if rule is None:
         return pool or DELIVER
@@ -138,16 +148,20 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
         return GiveUp(decision.status, pool.reason, decision.retry_after) if pool else decision
 
     everything = (state.primary, *order)
-    if state.retries_for(rule.label) >= rule.max_attempts:
-        return give_up("max_attempts")
+    retries = state.retries_for(rule.label)
+    strategy = rule.strategy
+    if retries >= rule.max_attempts:  # spent: give up, or go on with the rule's `then` strategy
+        if rule.then is None or retries >= rule.max_attempts + rule.then_max_attempts:
+            return give_up("max_attempts")
+        strategy = rule.then
     tried = state.tried()
-    if rule.strategy is Strategy.SAME_MODEL:
+    if strategy is Strategy.SAME_MODEL:
         if blocked_until(failed) - now <= handling.max_retry_after_seconds:
             chosen: Target | None = failed  # wait out its Retry-After
         else:
             chosen = first_available(everything, tried, available)
     else:
-        chosen = next_target(rule.strategy, failed, everything, tried, available)
+        chosen = next_target(strategy, failed, everything, tried, available)
     if chosen is None:
         return give_up("no_candidates")
     wait = max(0.0, blocked_until(chosen) - now)
@@ -185,7 +199,26 @@ def _rule_for(policy: Policy, outcome: Outcome) -> Rule | None:
         return policy.timeout_rule
     if outcome.error_type is ErrorType.CONNECTION:
         return policy.connection_rule
-    return policy.status_rules.get(outcome.status)
+    rule = policy.status_rules.get(outcome.status)
+    if rule is None and outcome.meaning is Meaning.QUOTA:  # a 402, or a 403 saying so: a rate limit's rule
+        return policy.status_rules.get(429)
+    return rule
+
+
+def _larger_context(state: RequestState, failed: Target, order: Sequence[Target], table: StateTable, now: float,
+                    eligible: Callable[[Target], bool]) -> Decision:
+    """A prompt too long for `failed`: the first untried candidate with a larger context window, or the
+    provider's own error when there is none (the same request to a model of the same size fails the same)."""
+    size = failed.max_input_tokens
+    if size is None:
+        return DELIVER
+    tried = {t.key for t in state.tried()}
+    for candidate in order:
+        window = candidate.max_input_tokens
+        if (window is not None and window > size and candidate.key not in tried and eligible(candidate)
+                and max(table.until(candidate, now), state.blocks.until(candidate, now)) <= now):
+            return Retry(candidate, 0.0, "context_length")
+    return DELIVER
 
 
 def _backoff_applies(apply_to: BackoffApplyTo, failed: Target, chosen: Target) -> bool:

@@ -12,7 +12,7 @@ from controlplane.config.runtime import Target
 from controlplane.endpoints import CHAT_COMPLETIONS, Endpoint
 from controlplane.state.table import Blocks
 from extproc.body import ModelField
-from extproc.policy.classify import Outcome
+from extproc.policy.classify import Outcome, ProviderError
 
 __all__ = ["Attempt", "ProviderError", "RequestState"]
 
@@ -25,18 +25,6 @@ class Attempt:
     outcome: Outcome | None = None  # None until its response (or reset) is seen
     retried_by: str | None = None  # label of the rule that retried after it
     error: ProviderError | None = None  # what the provider said, when it answered with an error body
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderError:
-    """A provider's own error, as its body said it (any part may be missing)."""
-
-    type: str | None
-    code: str | None
-    message: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in (("type", self.type), ("code", self.code), ("message", self.message)) if v}
 
 
 @dataclass(slots=True)

@@ -234,3 +234,111 @@ def test_policy_modules_import_neither_grpc_nor_protobuf() -> None:
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [n for n in names if n.startswith(("grpc", "google.protobuf", "envoy"))], path
+
+
+# ---- retry, then fall back (`then`)
+
+
+def test_retry_the_primary_after_its_retry_after_then_fall_back() -> None:
+    gw = gateway("""      on_status_codes:
+        - {codes: [429], strategy: same_model, max_attempts: 1, then: different_provider}
+      retry_after_handling: {apply_to: request, max_retry_after_seconds: 10}""")
+    run = Run(gw)
+    first = run.fail(Outcome(429, ErrorType.RATE_LIMITED, 2.0))
+    assert isinstance(first, Retry) and first.target.key == "a/one" and first.wait == pytest.approx(2.0, abs=0.2)
+    second = run.fail(Outcome(429, ErrorType.RATE_LIMITED, 2.0))
+    assert isinstance(second, Retry) and second.target.key == "b/three" and second.wait == 0  # the fallback
+    third = run.fail(R429)
+    assert isinstance(third, Retry) and third.target.key == "c/four"  # then_max_attempts: default 2
+    assert run.fail(R429) == GiveUp(429, "max_attempts")
+
+
+def test_then_has_its_own_budget_and_a_policy_wide_default() -> None:
+    gw = gateway("""      default_strategy: same_model
+      default_max_attempts: 1
+      default_then: different_provider
+      on_timeout: {max_attempts: 0, then: different_provider, then_max_attempts: 1}""")
+    run = Run(gw)
+    retry = run.fail(R503)
+    assert isinstance(retry, Retry) and retry.target.key == "a/one"
+    retry = run.fail(R503)
+    assert isinstance(retry, Retry) and retry.target.key == "b/three"  # default_then
+    assert isinstance(run.fail(R503), GiveUp)  # then_max_attempts defaults to default_max_attempts (1)
+    run = Run(gw)
+    retry = run.fail(TIMEOUT)
+    assert isinstance(retry, Retry) and retry.target.key == "b/three"  # no same-model retry for timeouts
+    assert isinstance(run.fail(TIMEOUT), GiveUp)
+    assert gw.targets["a/one"].policy.max_retries == (1 + 1) + (0 + 1) + (1 + 1)  # status, timeout, connection
+
+
+def test_plano_rules_without_then_give_up_as_before() -> None:
+    run = Run(gateway("""      default_strategy: same_model
+      default_max_attempts: 1"""))
+    assert isinstance(run.fail(R503), Retry)
+    assert run.fail(R503) == GiveUp(503, "max_attempts")
+
+
+# ---- what a provider's error means
+
+
+from extproc.policy.classify import Meaning, ProviderError, meaning  # noqa: E402
+
+
+@pytest.mark.parametrize("status, error, expected", [
+    (400, ProviderError("invalid_request_error", "context_length_exceeded", "This model's maximum context length "
+                        "is 128000 tokens"), Meaning.CONTEXT_LENGTH),
+    (400, ProviderError("invalid_request_error", None, "prompt is too long: 210000 tokens > 200000 maximum"),
+     Meaning.CONTEXT_LENGTH),
+    (400, ProviderError("invalid_request_error", "content_policy_violation", "rejected by our safety system"),
+     Meaning.CONTENT_POLICY),
+    (429, ProviderError("insufficient_quota", "insufficient_quota", "You exceeded your current quota"), Meaning.QUOTA),
+    (400, ProviderError("invalid_request_error", None, "Your credit balance is too low"), Meaning.QUOTA),
+    (402, None, Meaning.QUOTA),
+    (429, ProviderError("rate_limit_error", None, "slow down"), None),
+    (400, ProviderError("invalid_request_error", None, "messages: field required"), None),
+    (500, ProviderError("api_error", None, "context length"), None),
+], ids=["openai-context", "anthropic-context", "content-policy", "openai-quota", "anthropic-credit", "402",
+        "burst-429", "plain-400", "500-is-a-500"])
+def test_error_meaning(status: int, error: ProviderError | None, expected: Meaning | None) -> None:
+    assert meaning(status, error) is expected
+    outcome = classify(status, "via_upstream", None, 0, error)
+    assert outcome.meaning is expected
+
+
+MEANINGS = """
+model_providers:
+  - model: a/small
+    base_url: http://127.0.0.1:1
+    max_input_tokens: 8000
+    retry_policy:
+      fallback_models: [b/same, c/large, d/larger]
+      on_status_codes: [{codes: [400], strategy: different_provider}]
+  - {model: b/same, base_url: "http://127.0.0.1:2", max_input_tokens: 8000}
+  - {model: c/large, base_url: "http://127.0.0.1:3", max_input_tokens: 128000}
+  - {model: d/larger, base_url: "http://127.0.0.1:4", max_input_tokens: 200000}
+"""
+
+
+def test_context_length_fails_over_only_to_a_larger_window() -> None:
+    run = Run(parse_config(MEANINGS, {}).gateway, "a/small")
+    too_long = Outcome(400, ErrorType.CLIENT_ERROR, None, Meaning.CONTEXT_LENGTH)
+    retry = run.fail(too_long)
+    assert isinstance(retry, Retry) and retry.target.key == "c/large" and retry.wait == 0  # not b/same (8000)
+    retry = run.fail(too_long)
+    assert isinstance(retry, Retry) and retry.target.key == "d/larger"
+    assert isinstance(run.fail(too_long), Deliver)  # nothing larger: the provider's own error goes back
+
+
+def test_content_policy_is_never_failed_over_even_when_400_is_listed() -> None:
+    run = Run(parse_config(MEANINGS, {}).gateway, "a/small")
+    assert isinstance(run.fail(Outcome(400, ErrorType.CLIENT_ERROR, None, Meaning.CONTENT_POLICY)), Deliver)
+    assert isinstance(run.fail(Outcome(400, ErrorType.CLIENT_ERROR)), Retry)  # a plain listed 400 is retried
+
+
+def test_an_empty_quota_blocks_the_target_for_long_and_fails_over() -> None:
+    gw = gateway("""      default_strategy: same_model
+      retry_after_handling: {max_retry_after_seconds: 30}""")
+    run = Run(gw)
+    decision = run.fail(classify(402, "via_upstream", None, 0))
+    assert isinstance(decision, Retry) and decision.target.key != "a/one"  # not waited on: failed over
+    assert run.table.until(gw.targets["a/one"], run.now) >= run.now + 3500  # blocked for about an hour

@@ -1,0 +1,128 @@
+"""Failure conduct end to end, driven by the openai SDK against wire-format mocks: retry the primary
+after its Retry-After, then fall back (`then`); what a provider's error means (a context window, a
+content policy, an empty quota) decides where the request may go.
+
+Providers: p (the primary), same (a fallback with the primary's context window), big (a larger one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from controlplane.rundir import free_port
+from tests.e2e.conftest import Stack, start_stack
+from tests.wiremock import OpenAIChatMock, Reply
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+listeners: [{{type: model, port: {port}, attempt_timeout: 10s}}]
+model_providers:
+  - model: p/then
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    max_input_tokens: 8000
+    retry_policy:
+      fallback_models: [same/gpt, big/gpt]
+      on_status_codes:
+        - {{codes: [429], strategy: same_model, max_attempts: 1, then: different_provider, then_max_attempts: 1}}
+        - {{codes: [400], strategy: different_provider, max_attempts: 2}}
+      retry_after_handling: {{apply_to: request, max_retry_after_seconds: 10}}
+  - model: p/quota
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    retry_policy:
+      fallback_models: [big/gpt]
+  - {{model: same/gpt, base_url: "{same}", provider_interface: openai, access_key: sk-s-00000000000, max_input_tokens: 8000}}
+  - {{model: big/gpt, base_url: "{big}", provider_interface: openai, access_key: sk-b-000000000000, max_input_tokens: 200000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def mocks() -> Iterator[dict[str, OpenAIChatMock]]:
+    started = {name: OpenAIChatMock(name).start() for name in ("p", "same", "big")}
+    yield started
+    for mock in started.values():
+        mock.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+    port = free_port()
+    config = CONFIG.format(port=port, **{name: mock.url for name, mock in mocks.items()})
+    stack = start_stack(tmp_path_factory.mktemp("conduct"), config, port)
+    yield stack
+    stack.client.close()
+    stack.sidestep("down", check=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(mocks) -> None:
+    for mock in mocks.values():
+        mock.script(Reply())
+
+
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="sk-client", max_retries=0)
+
+
+def ask(stack: Stack, model: str) -> openai.types.chat.ChatCompletion:
+    return client(stack).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_429_is_retried_after_its_retry_after_and_then_served(stack, mocks) -> None:
+    mocks["p"].script(Reply(429, retry_after="2"), Reply())
+    started = time.monotonic()
+    answer = ask(stack, "p/then")
+    assert time.monotonic() - started >= 1.8
+    assert answer.choices[0].message.content.startswith("Hello from p")
+    assert len(mocks["p"].requests) == 2 and mocks["same"].requests == [] and mocks["big"].requests == []
+    gap = mocks["p"].requests[1].at - mocks["p"].requests[0].at
+    assert gap >= 1.8
+
+
+def test_a_persistent_429_is_retried_once_then_falls_back(stack, mocks) -> None:
+    mocks["p"].script(Reply(429, retry_after="2"))
+    started = time.monotonic()
+    answer = ask(stack, "p/then")
+    elapsed = time.monotonic() - started
+    assert 1.8 <= elapsed < 6
+    assert answer.choices[0].message.content.startswith("Hello from same")
+    assert len(mocks["p"].requests) == 2 and len(mocks["same"].requests) == 1
+
+
+def test_context_length_goes_to_a_larger_window_only(stack, mocks) -> None:
+    mocks["p"].script(Reply(400, error_type="invalid_request_error", error_code="context_length_exceeded",
+                            message="This model's maximum context length is 8000 tokens. However, your "
+                                    "messages resulted in 9000 tokens."))
+    answer = ask(stack, "p/then")
+    assert answer.choices[0].message.content.startswith("Hello from big")
+    assert mocks["same"].requests == []  # the same window would refuse it the same way
+
+
+def test_content_policy_is_a_clean_error_without_failover(stack, mocks) -> None:
+    mocks["p"].script(Reply(400, error_type="invalid_request_error", error_code="content_policy_violation",
+                            message="Your request was rejected as a result of our safety system."))
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(stack, "p/then")
+    assert "safety system" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(mocks["p"].requests) == 1 and mocks["same"].requests == [] and mocks["big"].requests == []
+
+
+def test_an_empty_quota_fails_over_and_keeps_the_target_blocked(stack, mocks) -> None:
+    mocks["p"].script(Reply(429, error_type="insufficient_quota", error_code="insufficient_quota",
+                            message="You exceeded your current quota, please check your plan and billing details."))
+    answer = ask(stack, "p/quota")
+    assert answer.choices[0].message.content.startswith("Hello from big")
+    again = ask(stack, "p/quota")  # blocked for long: straight to the fallback, the primary is not asked
+    assert again.choices[0].message.content.startswith("Hello from big")
+    assert len(mocks["p"].requests) == 1 and len(mocks["big"].requests) == 2
+    blocks = stack.status()["blocks"]
+    assert any(b["name"] == "p/quota" and b["remaining_s"] > 3000 for b in blocks), blocks
