@@ -16,6 +16,10 @@ WORKER_HEADER = "x-sidestep-worker"  # which ext_proc worker handled the request
 # Read by the openai and anthropic SDKs: "false" stops their own retries of an error sidestep already
 # retried (or decided not to), which would otherwise run the whole failover two more times.
 SHOULD_RETRY_HEADER = "x-should-retry"
+# A client's overall deadline in milliseconds (the SDKs send their timeout as x-stainless-timeout).
+DEADLINE_HEADER = "x-sidestep-deadline-ms"
+# Envoy's per-attempt time-to-first-byte limit, set when a client's deadline shortens an attempt.
+PER_TRY_TIMEOUT_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"
 # The model a request without one of its own (GET /v1/files, …) goes to; the default model otherwise.
 MODEL_REQUEST_HEADER = "x-sidestep-model"
 

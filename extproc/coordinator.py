@@ -36,6 +36,7 @@ from extproc.translate.pairs import PROVIDER_PATHS, direction
 __all__ = ["AttemptPlan", "ClientRequest", "Coordinator", "Translation"]
 
 log = logging.getLogger("sidestep.extproc")
+MIN_ATTEMPT_TIMEOUT = 0.5  # seconds: an attempt shortened by a deadline still gets this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,18 @@ class AttemptPlan:
     path: str  # the provider's path, before a base_url prefix
     translation: Translation | None = None
 
+    @property
+    def attempt_timeout(self) -> float:
+        """Time to first byte (and, for a held stream, to first token) this attempt may take: the
+        target's, but at most half of what is left before the client's deadline, so that a failover
+        can still answer in time."""
+        limit = self.target.attempt_timeout
+        state = self.state
+        if state.deadline is None or state.current is None:
+            return limit
+        left = state.deadline - state.current.started
+        return max(MIN_ATTEMPT_TIMEOUT, min(limit, left / 2))
+
 
 @dataclass(frozen=True, slots=True)
 class ClientRequest:
@@ -71,6 +84,7 @@ class ClientRequest:
     client: ClientKey | None = None  # the gateway key it authenticated with, when one is required
     content_type: bytes = b""
     model_header: str | None = None  # x-sidestep-model: the provider for requests without a model
+    timeout: float | None = None  # seconds the client waits in all (its SDK's timeout, or x-sidestep-deadline-ms)
 
 
 class Coordinator:
@@ -197,15 +211,20 @@ class Coordinator:
                 f"as your SDK's api_key")
         state = RequestState(primary=primary, started=now, client_path=request.path,
                              client_credentials=request.credentials, next_target=primary, endpoint=endpoint,
-                             body=body, model=field, pinned=endpoint.body == "json" and _refers_to_stored(body))
+                             body=body, model=field, pinned=endpoint.body == "json" and _refers_to_stored(body),
+                             deadline=now + request.timeout if request.timeout else None)
         untranslatable = self._check_translatable(state, primary)
         if untranslatable is not None:
             return untranslatable
+        budget = primary.policy.max_retry_duration if primary.policy else None
         first = first_target(primary, self.gateway.order(primary), self.table, now, self._eligible(state),
-                             fails_over=endpoint.fails_over)
+                             fails_over=endpoint.fails_over, limit=state.limit(budget))
         if isinstance(first, GiveUp):
             return exhausted(state, first)
-        state.next_target = first
+        if isinstance(first, Retry):  # everything is blocked for a moment: wait for the first to free up
+            state.next_target, state.not_before = first.target, now + first.wait
+        else:
+            state.next_target = first
         self.requests[request_id] = state
         return self._plan(state, now)
 

@@ -47,6 +47,7 @@ def header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
 
 
 _NO_RETRY = header(api.SHOULD_RETRY_HEADER, "false")
+_INTERNAL = header("x-forwarded-for", "127.0.0.1")  # makes the dispatch listener trust x-envoy-* headers
 
 
 class Replies:
@@ -82,7 +83,7 @@ class Replies:
         self._model_lists: dict[str | None, bytes] = {}  # by gateway key name (None: no key)
 
     def attempt(self, target: Target, key: int, path: str, body: bytes | None,
-                client_credentials: Credentials) -> pb.ProcessingResponse:
+                client_credentials: Credentials, attempt_timeout: float | None = None) -> pb.ProcessingResponse:
         """The reply that sends this attempt to `target` with key `key` and `body`: to the request body,
         or, for a request without one (`body` None), to its headers."""
         sets, removes = self._static[(target.key, key)]
@@ -92,6 +93,9 @@ class Replies:
             mutation.set_headers.extend(header(k, v) for k, v in client_credentials)
             mutation.remove_headers.extend(h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent)
         mutation.set_headers.append(header(":path", target.upstream.path_for(path).encode("latin-1")))
+        if attempt_timeout is not None:  # a client's deadline: the dispatch listener honours it from 127.0.0.1
+            mutation.set_headers.append(header(api.PER_TRY_TIMEOUT_HEADER, str(max(1, int(attempt_timeout * 1000)))))
+            mutation.set_headers.append(_INTERNAL)
         if body is None:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=mutation)), dynamic_metadata=_SENT)

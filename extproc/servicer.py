@@ -61,6 +61,7 @@ class RequestHead:
     length: int  # content-length, 0 when absent
     content_type: bytes
     model_header: str | None  # x-sidestep-model
+    timeout: float | None  # seconds the client waits in all: its SDK's x-stainless-timeout or x-sidestep-deadline-ms
     end_of_stream: bool  # no body follows
 
 
@@ -166,7 +167,8 @@ class AttemptProcessor:
             client, credentials = result
         # the client's own provider credentials, for passthrough_auth targets; never a gateway key
         credentials = tuple(c for c in credentials if c[0] != api.GATEWAY_KEY_HEADER)
-        return ClientRequest(head.path, endpoint, credentials, client, head.content_type, head.model_header)
+        return ClientRequest(head.path, endpoint, credentials, client, head.content_type, head.model_header,
+                             head.timeout)
 
     async def _send(self, head: RequestHead, request: ClientRequest | None, body: bytes | None) -> AttemptPlan | None:
         plan = self.coordinator.begin_attempt(head.request_id, head.attempt, request, body or b"")
@@ -178,7 +180,8 @@ class AttemptProcessor:
             await asyncio.sleep(delay)  # before replying: the attempt's timeout has not started yet
         await self.context.write(self.replies.attempt(plan.target, plan.key, plan.path,
                                                       None if body is None else plan.body,
-                                                      plan.state.client_credentials))
+                                                      plan.state.client_credentials,
+                                                      plan.attempt_timeout if plan.state.deadline else None))
         return plan
 
     async def _respond(self, request_id: str, plan: AttemptPlan, headers: pb.HttpHeaders) -> None:
@@ -261,7 +264,7 @@ class AttemptProcessor:
             pass  # nothing to fail over to: deliver at once (translated or not), no commit point to wait for
         elif streaming:
             peek = CommitPeek()
-            first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.target.attempt_timeout
+            first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.attempt_timeout
             held = 0
             while True:
                 item = await inbox.get(first_token - self.coordinator.clock())
@@ -459,6 +462,7 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
     length = 0
     content_type = b""
     model_header = None
+    timeout: float | None = None
     credentials: list[tuple[str, bytes]] = []
     for h in headers.headers.headers:
         key = h.key
@@ -476,10 +480,14 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
             content_type = h.raw_value
         elif key == api.MODEL_REQUEST_HEADER:
             model_header = h.raw_value.decode("latin-1")
+        elif key in _DEADLINE_HEADERS:
+            seconds = _seconds(h.raw_value, _DEADLINE_HEADERS[key])
+            if seconds is not None:
+                timeout = seconds if timeout is None else min(timeout, seconds)
         elif key in _SCANNED:
             credentials.append((key, h.raw_value))
     return RequestHead(request_id, attempt, method, path, tuple(credentials), length, content_type, model_header,
-                       headers.end_of_stream)
+                       timeout, headers.end_of_stream)
 
 
 def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None, str]:
@@ -497,6 +505,20 @@ def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None
         elif key == "content-type":
             content_type = h.raw_value.decode("latin-1").lower()
     return status, details, retry_after, content_type
+
+
+# The client's own deadline, and the unit of each header: the openai and anthropic SDKs send their
+# timeout (seconds) with every request (`x-stainless-read-timeout`: how long they wait for the first
+# byte, and between bytes); x-sidestep-deadline-ms is for any other client.
+_DEADLINE_HEADERS = {"x-stainless-timeout": 1.0, "x-stainless-read-timeout": 1.0, api.DEADLINE_HEADER: 0.001}
+
+
+def _seconds(raw: bytes, unit: float) -> float | None:
+    try:
+        value = float(raw) * unit
+    except ValueError:
+        return None
+    return value if 0 < value < 86400 * 7 else None
 
 
 def _int(raw: bytes, default: int) -> int:

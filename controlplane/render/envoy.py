@@ -317,7 +317,8 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
             "domains": ["*"],
             # gateway internals never reach a provider
             "request_headers_to_remove": [
-                api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.MODEL_REQUEST_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
+                api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.MODEL_REQUEST_HEADER, api.DEADLINE_HEADER,
+                api.PER_TRY_TIMEOUT_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
                 "x-envoy-internal", "x-forwarded-for", "x-envoy-external-address",
             ],
             "routes": routes,

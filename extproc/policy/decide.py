@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from controlplane.config.runtime import Policy, Rule, Target
@@ -22,7 +22,7 @@ from controlplane.config.schema import Backoff, BackoffApplyTo, BlockApplyTo, Bl
 from controlplane.state.table import FOREVER, KeyState, StateTable
 from extproc.policy.classify import ErrorType, Meaning, Outcome
 from extproc.policy.pacing import Pacer
-from extproc.policy.selection import first_available, next_target
+from extproc.policy.selection import allowed, first_available, next_target
 from extproc.policy.state import RequestState
 
 __all__ = ["Decision", "Deliver", "GiveUp", "Retry", "backoff_delay", "first_target", "next_attempt"]
@@ -51,7 +51,7 @@ class Deliver:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     status: int
-    reason: str  # "max_attempts" | "no_candidates" | "budget" | "all_blocked" | "no_retry_policy" | "keys_…"
+    reason: str  # "max_attempts" | "no_candidates" | "budget" | "deadline" | "all_blocked" | "no_retry_policy" | "keys_…"
     retry_after: int | None = None  # seconds, for a 429
 
 
@@ -70,9 +70,12 @@ def _anything(target: Target) -> bool:
 
 
 def first_target(primary: Target, order: Sequence[Target], table: StateTable, now: float,
-                 eligible: Callable[[Target], bool] = _anything, *, fails_over: bool = True) -> Target | GiveUp:
+                 eligible: Callable[[Target], bool] = _anything, *, fails_over: bool = True,
+                 limit: float | None = None) -> Target | Retry | GiveUp:
     """The first attempt's target: the primary unless a global block says otherwise (then fail over
-    to the first `eligible` candidate: one that can serve this request).
+    to the first `eligible` candidate: one that can serve this request). When every candidate is
+    blocked, wait for the first to free up if that ends before `limit` (the client's deadline or the
+    policy's budget) and within `max_retry_after_seconds` (a `Retry` from now); else give up.
 
     Without a policy (or for a request that never fails over, `fails_over=False`) only the primary's
     own key pool can stop it: there is nowhere to fail over to.
@@ -85,7 +88,10 @@ def first_target(primary: Target, order: Sequence[Target], table: StateTable, no
     for candidate in everything:
         if table.until(candidate, now) <= now:
             return candidate
-    remaining = min(table.until(t, now) for t in everything) - now
+    until, soonest = min(((table.until(t, now), t) for t in everything), key=lambda pair: pair[0])
+    if limit is not None and until <= limit and until - now <= primary.policy.retry_after.max_retry_after_seconds:
+        return Retry(soonest, until - now, "blocked")  # everything is blocked, but not for longer than we may wait
+    remaining = until - now
     if remaining == FOREVER:
         return GiveUp(502, "keys_unauthorized")
     return GiveUp(429, "all_blocked", math.ceil(remaining))
@@ -163,14 +169,20 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
     else:
         chosen = next_target(strategy, failed, everything, tried, available)
     if chosen is None:
-        return give_up("no_candidates")
+        may = allowed(strategy, failed, tried) if strategy is not Strategy.SAME_MODEL else (lambda t: t not in tried)
+        later = (t for t in everything if may(t) and (t is state.primary or eligible(t)))
+        soonest = _wait_for_block(state, later, blocked_until, policy, now)
+        if soonest is None:
+            return give_up("no_candidates")
+        chosen = soonest
     wait = max(0.0, blocked_until(chosen) - now)
     if policy.backoff is not None and _backoff_applies(policy.backoff.apply_to, failed, chosen):
         wait = max(wait, backoff_delay(policy.backoff, state.attempt_number, rng))
     if wait > 0:  # a delayed retry: take its turn behind the other requests retrying this target
         wait += pacer.delay(chosen.key, now + wait)
-    if policy.max_retry_duration is not None and now + wait - state.started > policy.max_retry_duration:
-        return give_up("budget")
+    limit = state.limit(policy.max_retry_duration)
+    if limit is not None and now + wait > limit:  # a wait that cannot end in time is not started
+        return give_up("deadline" if limit == state.deadline else "budget")
     if wait > 0:
         pacer.take(chosen.key, now + wait, policy.backoff or PACING, rng)
     return Retry(chosen, wait, rule.label)
@@ -227,6 +239,23 @@ def _backoff_applies(apply_to: BackoffApplyTo, failed: Target, chosen: Target) -
     if apply_to is BackoffApplyTo.SAME_PROVIDER:
         return chosen.provider == failed.provider
     return True
+
+
+def _wait_for_block(state: RequestState, candidates: Iterable[Target], blocked_until: Callable[[Target], float],
+                    policy: Policy, now: float) -> Target | None:
+    """When every target the strategy allows is blocked for a while: the one that frees up first, if
+    its block ends before the client's deadline (or the budget) and within `max_retry_after_seconds`.
+    Waiting a few seconds beats failing at once when a burst of 429s blocked everything."""
+    limit = state.limit(policy.max_retry_duration)
+    if limit is None:
+        return None
+    blocked = [(blocked_until(t), t) for t in candidates if blocked_until(t) > now]
+    if not blocked:
+        return None
+    until, target = min(blocked, key=lambda pair: pair[0])
+    if until >= FOREVER or until > limit or until - now > policy.retry_after.max_retry_after_seconds:
+        return None
+    return target
 
 
 def _give_up(outcome: Outcome, reason: str, everything: Sequence[Target], blocked_until: Callable[[Target], float],

@@ -41,6 +41,7 @@ class RequestState:
     parsed: Any = None  # `body` as JSON, once a translation needed it
     refused: dict[Any, str] = field(default_factory=dict)  # API → why the body cannot be translated to it ("" : it can)
     not_before: float = 0.0  # the next attempt waits until then (backoff, Retry-After)
+    deadline: float | None = None  # monotonic: when the client gives up (its SDK's timeout), if it said
     attempts: list[Attempt] = field(default_factory=list)
     blocks: Blocks = field(default_factory=Blocks)  # apply_to: request
 
@@ -54,6 +55,11 @@ class RequestState:
 
     def tried(self) -> list[Target]:
         return [a.target for a in self.attempts]
+
+    def limit(self, budget: float | None) -> float | None:
+        """The latest time a wait may end: the client's deadline, or the policy's budget, whichever is first."""
+        ends = [t for t in (self.deadline, self.started + budget if budget is not None else None) if t is not None]
+        return min(ends) if ends else None
 
     def retries_for(self, rule_label: str) -> int:
         return sum(1 for a in self.attempts if a.retried_by == rule_label)

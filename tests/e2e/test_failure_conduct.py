@@ -126,3 +126,74 @@ def test_an_empty_quota_fails_over_and_keeps_the_target_blocked(stack, mocks) ->
     assert len(mocks["p"].requests) == 1 and len(mocks["big"].requests) == 2
     blocks = stack.status()["blocks"]
     assert any(b["name"] == "p/quota" and b["remaining_s"] > 3000 for b in blocks), blocks
+
+
+HI = [{"role": "user", "content": "hi"}]
+DEADLINE = """
+listeners: [{{type: model, port: {port}, attempt_timeout: 10s}}]
+model_providers:
+  - model: p/slow
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    retry_policy: {{fallback_models: [big/gpt]}}
+  - model: p/blocked
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    retry_policy:
+      fallback_models: [same/gpt]
+      retry_after_handling: {{scope: provider, max_retry_after_seconds: 30}}
+  - {{model: same/gpt, base_url: "{same}", provider_interface: openai, access_key: sk-s-00000000000}}
+  - {{model: big/gpt, base_url: "{big}", provider_interface: openai, access_key: sk-b-000000000000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def deadline_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+    port = free_port()
+    config = DEADLINE.format(port=port, **{name: mock.url for name, mock in mocks.items()})
+    stack = start_stack(tmp_path_factory.mktemp("deadline"), config, port)
+    yield stack
+    stack.client.close()
+    stack.sidestep("down", check=False)
+
+
+def test_a_clients_timeout_shortens_the_attempt_so_a_failover_answers_in_time(deadline_stack, mocks) -> None:
+    mocks["p"].script(Reply(delay=30))  # the primary never answers within the attempt timeout (10 s)
+    sdk = openai.OpenAI(base_url=deadline_stack.url + "/v1", api_key="k", max_retries=0, timeout=4.0)
+    started = time.monotonic()
+    answer = sdk.chat.completions.create(model="p/slow", messages=[{"role": "user", "content": "hi"}])
+    elapsed = time.monotonic() - started
+    assert answer.choices[0].message.content.startswith("Hello from big")
+    assert 1.5 <= elapsed < 3.5  # half the SDK's 4 s for the first attempt, then the fallback
+    assert "x-sidestep-deadline-ms" not in mocks["big"].requests[0].headers
+
+
+def test_a_deadline_header_bounds_every_wait(deadline_stack, mocks) -> None:
+    mocks["p"].script(Reply(delay=30))
+    started = time.monotonic()
+    response = deadline_stack.chat({"model": "p/slow", "messages": HI}, headers={"x-sidestep-deadline-ms": "2000"})
+    assert response.status_code == 200 and time.monotonic() - started < 1.8
+    assert response.headers["x-sidestep-model"] == "big/gpt"
+
+
+def test_when_everything_is_blocked_briefly_the_request_waits_instead_of_failing(deadline_stack, mocks) -> None:
+    for name, seconds in (("p", "2"), ("same", "3"), ("big", "3")):
+        mocks[name].script(Reply(429, retry_after=seconds))
+    first = deadline_stack.chat({"model": "p/blocked", "messages": HI})
+    assert first.status_code == 429  # every candidate answered 429: all of them are blocked now
+    mocks["p"].script(Reply())
+    started = time.monotonic()
+    second = deadline_stack.chat({"model": "p/blocked", "messages": HI}, headers={"x-sidestep-deadline-ms": "60000"})
+    assert second.status_code == 200, second.text
+    assert second.headers["x-sidestep-model"] == "p/blocked"
+    assert 1.0 <= time.monotonic() - started < 4  # waited for p/blocked's block (2 s) to end
+    # without a deadline (and no budget) the old answer stands: 429 at once, with the shortest block
+    for name in ("p", "same", "big"):
+        mocks[name].script(Reply(429, retry_after="20"))
+    deadline_stack.chat({"model": "p/blocked", "messages": HI})
+    started = time.monotonic()
+    third = deadline_stack.chat({"model": "p/blocked", "messages": HI})
+    assert third.status_code == 429 and time.monotonic() - started < 1
+    assert third.json()["error"]["code"] == "all_blocked"
