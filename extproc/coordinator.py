@@ -63,10 +63,17 @@ class AttemptPlan:
 
     @property
     def attempt_timeout(self) -> float:
-        """Time to first byte (and, for a held stream, to first token) this attempt may take: the
-        target's, but at most half of what is left before the client's deadline, so that a failover
-        can still answer in time."""
-        limit = self.target.attempt_timeout
+        """Time to first byte this attempt may take (see `_shortened`)."""
+        return self._shortened(self.target.attempt_timeout)
+
+    @property
+    def first_token_timeout(self) -> float:
+        """Time to the first content of a streamed answer this attempt may take (see `_shortened`)."""
+        return self._shortened(self.target.first_token_timeout)
+
+    def _shortened(self, limit: float) -> float:
+        """The target's `limit`, but at most half of what is left before the client's deadline, so
+        that a failover can still answer in time."""
         state = self.state
         if state.deadline is None or state.current is None:
             return limit

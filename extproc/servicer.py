@@ -264,7 +264,7 @@ class AttemptProcessor:
             pass  # nothing to fail over to: deliver at once (translated or not), no commit point to wait for
         elif streaming:
             peek = CommitPeek()
-            first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.attempt_timeout
+            first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.first_token_timeout
             held = 0
             while True:
                 item = await inbox.get(first_token - self.coordinator.clock())

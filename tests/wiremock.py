@@ -55,6 +55,7 @@ class Reply:
     usage: tuple[int, int] = (12, 7)  # input (prompt) tokens, output (completion) tokens
     stream: bool | None = None  # None: stream when the request asked for it
     interval: float = 0.0  # between SSE events
+    first_event_delay: float = 0.0  # between the stream's headers and its first event (a slow first token)
     stream_error: bool = False  # 200 SSE whose first event is an error
     error_type: str | None = None  # error replies: the provider's type (default: by status)
     error_code: str | None = None  # OpenAI error replies: `code` (None: the status's usual one; "": null)
@@ -434,6 +435,8 @@ class OpenAIChatMock(_Mock):
             handler.send_json(200, json.dumps(out).encode(), reply)
             return
         handler.start_stream(reply)
+        if reply.first_event_delay and handler.wait_for_close(reply.first_event_delay):
+            return
         if reply.stream_error:
             error = {"error": {"message": reply.message or f"{self.name}: The server had an error while "
                                f"processing your request", "type": reply.error_type or "server_error",
@@ -590,6 +593,8 @@ class AnthropicMessagesMock(_Mock):
             handler.send_json(200, json.dumps(out).encode(), reply)
             return
         handler.start_stream(reply)
+        if reply.first_event_delay and handler.wait_for_close(reply.first_event_delay):
+            return
 
         def event(name: str, data: dict[str, Any]) -> bool:
             return handler.send_event(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode(), reply)

@@ -26,6 +26,8 @@ def lint(config: SidestepConfig) -> list[ConfigIssue]:
     if config.llm_providers and not config.model_providers:
         warnings.append(ConfigIssue("llm_providers", "deprecated name; rename it to model_providers"))
     for i, listener in enumerate(config.listeners):
+        warnings.extend(_lint_timers(f"listeners[{i}]", listener.attempt_timeout, listener.first_token_timeout,
+                                     listener.stream_idle_timeout))
         if listener.type != "model":
             warnings.append(ConfigIssue(f"listeners[{i}]", f"`type: {listener.type}` listeners are ignored"))
         for field in ("router", "max_retries", "agents", "input_filters", "output_filters"):
@@ -37,6 +39,13 @@ def lint(config: SidestepConfig) -> list[ConfigIssue]:
     configured = set(by_model)
     for i, entry in enumerate(providers):
         here = f"{section}[{i}] ({entry.model})"
+        if entry.attempt_timeout or entry.first_token_timeout or entry.stream_idle_timeout:
+            model_listener = next((x for x in config.listeners if x.type == "model"), None)
+            if model_listener is not None:
+                warnings.extend(_lint_timers(
+                    here, entry.attempt_timeout or model_listener.attempt_timeout,
+                    entry.first_token_timeout or model_listener.first_token_timeout,
+                    entry.stream_idle_timeout or model_listener.stream_idle_timeout))
         if entry.routing_preferences is not None:
             warnings.append(ConfigIssue(f"{here}.routing_preferences", "accepted but ignored by sidestep"))
         if entry.passthrough_auth and entry.access_key:
@@ -117,6 +126,21 @@ def _lint_fallbacks(here: str, primary: ModelProvider, by_model: dict[str, Model
         elif kind != "chat" and api is not None and other_api is not None and other_api is not api:
             warnings.append(ConfigIssue(path, f"{name!r} speaks the {other_api.value} API and {kind} requests "
                                               f"cannot be translated: requests never fail over to it"))
+    return warnings
+
+
+def _lint_timers(here: str, attempt: float, first_token: float | None, stall: float) -> list[ConfigIssue]:
+    """Timer combinations where one can never fire, or fires before the one meant to."""
+    warnings: list[ConfigIssue] = []
+    if first_token is not None and first_token < attempt:
+        warnings.append(ConfigIssue(f"{here}.first_token_timeout", f"{first_token:g}s is shorter than attempt_timeout "
+                                                                   f"({attempt:g}s), which can then never fire for "
+                                                                   f"streamed answers"))
+    if stall < attempt:
+        warnings.append(ConfigIssue(f"{here}.stream_idle_timeout",
+                                    f"{stall:g}s is shorter than attempt_timeout ({attempt:g}s): a provider that "
+                                    f"stays silent is cut by the stall window first (it still fails over, as a "
+                                    f"connection failure, so on_timeout does not apply)"))
     return warnings
 
 

@@ -193,8 +193,9 @@ class Target:
     pooled: bool  # access_keys: a 429/401/403 moves the request to the next key
     passthrough_auth: bool
     extra_headers: tuple[tuple[str, str], ...]
-    attempt_timeout: float
-    stream_idle_timeout: float
+    attempt_timeout: float  # to the first byte (the response headers)
+    first_token_timeout: float  # to the first content of a streamed answer, from the attempt's start
+    stream_idle_timeout: float  # the stall window between two chunks
     policy: Policy | None = field(default=None, compare=False)
 
     @property
@@ -221,6 +222,7 @@ class ListenerSpec:
     port: int
     timeout: float | None
     attempt_timeout: float
+    first_token_timeout: float | None
     stream_idle_timeout: float
     request_timeout: float
     max_request_body_bytes: int
@@ -293,6 +295,7 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         port=spec.port,
         timeout=spec.timeout,
         attempt_timeout=spec.attempt_timeout,
+        first_token_timeout=spec.first_token_timeout,
         stream_idle_timeout=spec.stream_idle_timeout,
         request_timeout=spec.request_timeout,
         max_request_body_bytes=spec.max_request_body_bytes,
@@ -397,6 +400,7 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
             route_id: str) -> Target:
     prefix, _, model_id = entry.model.partition("/")
     api = provider_api(entry)
+    attempt_timeout = entry.attempt_timeout if entry.attempt_timeout is not None else listener.attempt_timeout
     named_anthropic = (entry.provider_interface or prefix) in ANTHROPIC_INTERFACES or prefix in ANTHROPIC_INTERFACES
     anthropic = api is Api.ANTHROPIC or (api is None and named_anthropic)
     secrets = [] if entry.passthrough_auth else entry.access_keys or ([entry.access_key] if entry.access_key else [])
@@ -419,7 +423,8 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         pooled=entry.access_keys is not None and not entry.passthrough_auth,
         passthrough_auth=entry.passthrough_auth,
         extra_headers=tuple(extra.items()),
-        attempt_timeout=entry.attempt_timeout if entry.attempt_timeout is not None else listener.attempt_timeout,
+        attempt_timeout=attempt_timeout,
+        first_token_timeout=entry.first_token_timeout or listener.first_token_timeout or attempt_timeout,
         stream_idle_timeout=(
             entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout
         ),

@@ -228,8 +228,12 @@ class ModelProvider(_Strict):
     """Plano's (deprecated) LLM routing hints; accepted and ignored."""
     attempt_timeout: Timeout | None = None
     """sidestep: time to first response byte for one attempt (defaults to the listener's)."""
+    first_token_timeout: Timeout | None = None
+    """sidestep: time from the start of one attempt to the first content of a streamed answer
+    (defaults to the listener's)."""
     stream_idle_timeout: Timeout | None = None
-    """sidestep: longest pause between two chunks of a response (defaults to the listener's)."""
+    """sidestep: the stall window: longest pause between two chunks of a response (defaults to the
+    listener's)."""
     connect_timeout: Timeout = 5.0
     """sidestep: TCP/TLS connect timeout to the provider."""
 
@@ -260,8 +264,12 @@ class Listener(_Strict):
     attempts and waits. Streams that have started are never cut by it."""
     attempt_timeout: Timeout = 30.0
     """sidestep: default time to first response byte for one attempt."""
+    first_token_timeout: Timeout | None = None
+    """sidestep: default time from the start of one attempt to the first content of a streamed
+    answer; a stream that sends headers and then nothing fails over after it (default:
+    `attempt_timeout`)."""
     stream_idle_timeout: Timeout = 300.0
-    """sidestep: default longest pause between two chunks of a response."""
+    """sidestep: default stall window: longest pause between two chunks of a response."""
     request_timeout: Timeout = 60.0
     """sidestep: the longest a client may take to send its whole request (headers and body); slower
     clients get 408."""

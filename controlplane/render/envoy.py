@@ -171,7 +171,10 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
-        "stream_idle_timeout": _dur(spec.stream_idle_timeout),
+        # no idle limit on the client's stream: while attempts fail over nothing flows to the client,
+        # and a stall is the attempt's to time (the dispatch route's idle_timeout, per target); the
+        # time to a first byte is bounded by attempt timeouts, the budget and the client's deadline
+        "stream_idle_timeout": "0s",
         # a client that trickles its request is cut off (408); the timer stops once the request is in,
         # so waits between attempts are not counted
         "request_timeout": _dur(spec.request_timeout),

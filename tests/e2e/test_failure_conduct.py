@@ -197,3 +197,43 @@ def test_when_everything_is_blocked_briefly_the_request_waits_instead_of_failing
     third = deadline_stack.chat({"model": "p/blocked", "messages": HI})
     assert third.status_code == 429 and time.monotonic() - started < 1
     assert third.json()["error"]["code"] == "all_blocked"
+
+
+TIMERS = """
+listeners: [{{type: model, port: {port}, attempt_timeout: 2s, stream_idle_timeout: 2s, first_token_timeout: 2s}}]
+model_providers:
+  - model: p/timed
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    retry_policy: {{fallback_models: [big/gpt], default_max_attempts: 1}}
+  - {{model: big/gpt, base_url: "{big}", provider_interface: openai, access_key: sk-b-000000000000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def timers_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+    port = free_port()
+    config = TIMERS.format(port=port, **{name: mock.url for name, mock in mocks.items()})
+    stack = start_stack(tmp_path_factory.mktemp("timers"), config, port)
+    yield stack
+    stack.client.close()
+    stack.sidestep("down", check=False)
+
+
+def test_a_silent_provider_fails_over_after_its_attempt_timeout_whatever_the_idle_timeout(timers_stack, mocks):
+    mocks["p"].script(Reply(delay=60))  # never answers; the stall window equals the attempt timeout
+    started = time.monotonic()
+    answer = client(timers_stack).chat.completions.create(model="p/timed", messages=HI)
+    assert answer.choices[0].message.content.startswith("Hello from big")
+    assert 1.8 <= time.monotonic() - started < 5
+
+
+def test_headers_at_once_but_a_slow_first_token_fail_over_before_it_arrives(timers_stack, mocks) -> None:
+    mocks["p"].script(Reply(first_event_delay=20))  # a 200 stream whose first token would come after 20 s
+    started = time.monotonic()
+    stream = client(timers_stack).chat.completions.create(model="p/timed", messages=HI, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    elapsed = time.monotonic() - started
+    assert text.startswith("Hello from big") and "Hello from p" not in text  # only the fallback's answer
+    assert 1.8 <= elapsed < 6

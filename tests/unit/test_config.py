@@ -195,3 +195,21 @@ def test_plano_legacy_llm_providers() -> None:
     loaded = load("llm_providers: [{model: a/x, base_url: 'http://127.0.0.1:1'}]")
     assert list(loaded.gateway.targets) == ["a/x"]
     assert any("llm_providers" in str(w) for w in loaded.warnings)
+
+
+def test_timers_default_and_compose() -> None:
+    loaded = load("""
+listeners: [{type: model, attempt_timeout: 10s, stream_idle_timeout: 5s}]
+model_providers:
+  - {model: a/x, base_url: "http://127.0.0.1:1", first_token_timeout: 4s}
+  - {model: a/y, base_url: "http://127.0.0.1:1", attempt_timeout: 20s, stream_idle_timeout: 60s}
+""")
+    x, y = loaded.gateway.targets.values()
+    assert (x.attempt_timeout, x.first_token_timeout, x.stream_idle_timeout) == (10.0, 4.0, 5.0)
+    assert (y.attempt_timeout, y.first_token_timeout, y.stream_idle_timeout) == (20.0, 20.0, 60.0)
+    warnings = [str(w) for w in loaded.warnings]
+    assert any(w.startswith("listeners[0].stream_idle_timeout: 5s is shorter than attempt_timeout (10s)")
+               for w in warnings)
+    assert any(w.startswith("model_providers[0] (a/x).first_token_timeout: 4s is shorter than attempt_timeout")
+               for w in warnings)
+    assert not any(w.startswith("model_providers[1]") for w in warnings)
