@@ -27,6 +27,7 @@ from extproc.body import BadBody, ModelField, find_model, replace_model
 from extproc.multipart import boundary_of, find_form_field
 from extproc.policy.classify import ErrorType, Outcome, ProviderError, classify
 from extproc.policy.decide import Decision, Deliver, GiveUp, Retry, first_target, next_attempt
+from extproc.policy.effects import apply
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
@@ -332,8 +333,10 @@ class Coordinator:
         attempt = state.current
         assert attempt is not None
         attempt.outcome = outcome
-        decision = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
-                                table=self.table, pacer=self.pacer, rng=self.rng, eligible=self._eligible(state))
+        decision, effects = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
+                                         table=self.table, pacer=self.pacer, rng=self.rng,
+                                         eligible=self._eligible(state))
+        apply(effects, self.table, self.pacer, state)
         if isinstance(decision, Retry):
             attempt.retried_by = decision.rule
             state.next_target = decision.target

@@ -21,6 +21,7 @@ from controlplane.config.runtime import Policy, Rule, Target
 from controlplane.config.schema import Backoff, BackoffApplyTo, BlockApplyTo, BlockScope, Strategy
 from controlplane.state.table import FOREVER, KeyState, StateTable
 from extproc.policy.classify import ErrorType, Meaning, Outcome
+from extproc.policy.effects import Effects, PacingSlot, View
 from extproc.policy.pacing import Pacer
 from extproc.policy.selection import allowed, first_available, next_target
 from extproc.policy.state import RequestState
@@ -99,12 +100,19 @@ def first_target(primary: Target, order: Sequence[Target], table: StateTable, no
 
 def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target], *, now: float,
                  table: StateTable, pacer: Pacer, rng: random.Random,
-                 eligible: Callable[[Target], bool] = _anything) -> Decision:
-    """Decide after the current attempt ended with `outcome`. Records blocks and key states.
+                 eligible: Callable[[Target], bool] = _anything) -> tuple[Decision, Effects]:
+    """Decide after the current attempt ended with `outcome`: the decision, and what it changes (key
+    states, blocks, a pacing slot) as values for the caller to `apply`. Nothing is written here.
 
     `order` is the primary's failover order (`Gateway.order`); `eligible` says which of them can serve
     this request (its API family, its kind of model, its body); `table` the worker's shared state.
     """
+    view = View(table, state)
+    return _decide(state, outcome, order, now, view, pacer, rng, eligible), view.effects
+
+
+def _decide(state: RequestState, outcome: Outcome, order: Sequence[Target], now: float, view: View, pacer: Pacer,
+            rng: random.Random, eligible: Callable[[Target], bool]) -> Decision:
     # requests without a model of their own (multipart, file ids) go to one provider: no failover
     policy = state.primary.policy if state.endpoint.fails_over else None
     attempt = state.current
@@ -117,13 +125,13 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
         outcome = Outcome(outcome.status, ErrorType.RATE_LIMITED, max(outcome.retry_after or 0.0, QUOTA_BLOCK),
                           Meaning.QUOTA)
         if not failed.pooled and policy is not None:
-            table.add(BlockScope.MODEL, failed, now + QUOTA_BLOCK, f"quota {outcome.status}")
+            view.block(BlockScope.MODEL, failed, now + QUOTA_BLOCK, f"quota {outcome.status}", shared=True)
     pool: GiveUp | None = None  # set when this attempt used up the target's key pool
     if failed.pooled and outcome.error_type in (ErrorType.RATE_LIMITED, ErrorType.AUTH):
-        _rest_key(failed, attempt.key, outcome, table, now)
-        if table.usable_key(failed, now) is not None:
+        view.record(_key_state(failed, attempt.key, outcome, now))
+        if view.usable_key(failed, now) is not None:
             return Retry(failed, 0.0, KEY_RULE)
-        pool = _pool_exhausted(failed, table, now)
+        pool = _pool_exhausted(failed, view, now)
         # the pool's rest is in the table: no Retry-After block on the whole target
         outcome = Outcome(pool.status, outcome.error_type)
     if policy is None:
@@ -133,17 +141,17 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
         unanswered = outcome.error_type in (ErrorType.TIMEOUT, ErrorType.CONNECTION)
         return GiveUp(outcome.status, "no_retry_policy") if unanswered else DELIVER
     if outcome.meaning is Meaning.CONTEXT_LENGTH:
-        return _larger_context(state, failed, order, table, now, eligible)
+        return _larger_context(state, failed, order, view, now, eligible)
     rule = _rule_for(policy, outcome)
     if rule is None:
         return pool or DELIVER
     handling = policy.retry_after
     if outcome.retry_after is not None and outcome.retry_after > 0:
-        blocks = table if handling.apply_to is BlockApplyTo.GLOBAL else state.blocks
-        blocks.add(handling.scope, failed, now + outcome.retry_after, f"retry_after {outcome.status}")
+        view.block(handling.scope, failed, now + outcome.retry_after, f"retry_after {outcome.status}",
+                   shared=handling.apply_to is BlockApplyTo.GLOBAL)
 
     def blocked_until(target: Target) -> float:
-        return max(table.until(target, now), state.blocks.until(target, now))
+        return view.request_until(target, now)
 
     def available(target: Target) -> bool:
         return blocked_until(target) <= now and (target is state.primary or eligible(target))
@@ -184,21 +192,20 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
     if limit is not None and now + wait > limit:  # a wait that cannot end in time is not started
         return give_up("deadline" if limit == state.deadline else "budget")
     if wait > 0:
-        pacer.take(chosen.key, now + wait, policy.backoff or PACING, rng)
+        view.effects.pacing = PacingSlot(chosen.key, now + wait, Pacer.gap(policy.backoff or PACING, rng))
     return Retry(chosen, wait, rule.label)
 
 
-def _rest_key(target: Target, index: int, outcome: Outcome, table: StateTable, now: float) -> None:
+def _key_state(target: Target, index: int, outcome: Outcome, now: float) -> KeyState:
     """A 429 rests the key for its Retry-After; a 401/403 retires it until the config is reloaded."""
     key = target.keys[index]
     if outcome.error_type is ErrorType.RATE_LIMITED:
         rest = KEY_REST_DEFAULT if outcome.retry_after is None else max(outcome.retry_after, KEY_REST_MIN)
-        table.record(KeyState(target.key, key.id, key.hint, now + rest, False, outcome.status))
-    else:
-        table.record(KeyState(target.key, key.id, key.hint, 0.0, True, outcome.status))
+        return KeyState(target.key, key.id, key.hint, now + rest, False, outcome.status)
+    return KeyState(target.key, key.id, key.hint, 0.0, True, outcome.status)
 
 
-def _pool_exhausted(target: Target, table: StateTable, now: float) -> GiveUp:
+def _pool_exhausted(target: Target, table: StateTable | View, now: float) -> GiveUp:
     """No key of the pool is usable: 429 until the first one rests out, or 502 when all were rejected."""
     until = table.pool_until(target, now)
     if until == FOREVER:
@@ -217,7 +224,7 @@ def _rule_for(policy: Policy, outcome: Outcome) -> Rule | None:
     return rule
 
 
-def _larger_context(state: RequestState, failed: Target, order: Sequence[Target], table: StateTable, now: float,
+def _larger_context(state: RequestState, failed: Target, order: Sequence[Target], view: View, now: float,
                     eligible: Callable[[Target], bool]) -> Decision:
     """A prompt too long for `failed`: the first untried candidate with a larger context window, or the
     provider's own error when there is none (the same request to a model of the same size fails the same)."""
@@ -228,7 +235,7 @@ def _larger_context(state: RequestState, failed: Target, order: Sequence[Target]
     for candidate in order:
         window = candidate.max_input_tokens
         if (window is not None and window > size and candidate.key not in tried and eligible(candidate)
-                and max(table.until(candidate, now), state.blocks.until(candidate, now)) <= now):
+                and view.request_until(candidate, now) <= now):
             return Retry(candidate, 0.0, "context_length")
     return DELIVER
 

@@ -23,9 +23,13 @@ class Pacer:
         """How much later than `earliest` a delayed retry to `target_key` must start (0: not at all)."""
         return max(0.0, self._free_at.get(target_key, 0.0) - earliest)
 
-    def take(self, target_key: str, start: float, backoff: Backoff, rng: random.Random) -> None:
-        """Reserve `start`: the next delayed retry to the target waits one gap after it."""
+    @staticmethod
+    def gap(backoff: Backoff, rng: random.Random) -> float:
+        """The gap a delayed retry leaves before the next one to the same target: the backoff base,
+        times a random factor in [1, 1.5) with jitter."""
         gap = backoff.base_ms / 1000
-        if backoff.jitter:
-            gap *= 1 + rng.random() / 2
+        return gap * (1 + rng.random() / 2) if backoff.jitter else gap
+
+    def reserve(self, target_key: str, start: float, gap: float) -> None:
+        """Reserve `start`: the next delayed retry to the target waits `gap` after it."""
         self._free_at[target_key] = max(self._free_at.get(target_key, 0.0), start + gap)

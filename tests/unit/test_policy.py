@@ -15,6 +15,7 @@ from controlplane.config.schema import BlockScope
 from controlplane.state.table import StateTable
 from extproc.policy.classify import ErrorType, Outcome, classify, parse_retry_after
 from extproc.policy.decide import Deliver, GiveUp, Retry, backoff_delay, first_target, next_attempt
+from extproc.policy.effects import apply
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
@@ -50,8 +51,9 @@ class Run:
 
     def fail(self, outcome: Outcome):
         self.state.current.outcome = outcome
-        decision = next_attempt(self.state, outcome, self.gw.order(self.state.primary), now=self.now,
-                                table=self.table, pacer=self.pacer, rng=RNG)
+        decision, effects = next_attempt(self.state, outcome, self.gw.order(self.state.primary), now=self.now,
+                                         table=self.table, pacer=self.pacer, rng=RNG)
+        apply(effects, self.table, self.pacer, self.state)
         if isinstance(decision, Retry):
             self.state.current.retried_by = decision.rule
             self.now += decision.wait
@@ -342,3 +344,24 @@ def test_an_empty_quota_blocks_the_target_for_long_and_fails_over() -> None:
     decision = run.fail(classify(402, "via_upstream", None, 0))
     assert isinstance(decision, Retry) and decision.target.key != "a/one"  # not waited on: failed over
     assert run.table.until(gw.targets["a/one"], run.now) >= run.now + 3500  # blocked for about an hour
+
+
+# ---- the decision writes nothing: its changes come back as values
+
+
+def test_next_attempt_returns_its_changes_and_writes_nothing() -> None:
+    gw = gateway("""      default_strategy: same_model
+      backoff: {apply_to: same_model, base_ms: 200, jitter: false}
+      retry_after_handling: {apply_to: global, max_retry_after_seconds: 10}""")
+    run = Run(gw)
+    outcome = Outcome(429, ErrorType.RATE_LIMITED, 2.0)
+    run.state.current.outcome = outcome
+    decision, effects = next_attempt(run.state, outcome, gw.order(run.state.primary), now=run.now,
+                                     table=run.table, pacer=run.pacer, rng=RNG)
+    assert isinstance(decision, Retry) and decision.target.key == "a/one" and decision.wait == pytest.approx(2.0)
+    assert run.table.export(run.now) == [] and run.pacer.delay("a/one", run.now) == 0.0  # untouched
+    assert [(f.name, f.until) for f in effects.facts] == [("a/one", run.now + 2.0)]  # the block, as a value
+    assert effects.pacing is not None and effects.pacing.start == run.now + 2.0 and effects.pacing.gap == 0.2
+    apply(effects, run.table, run.pacer, run.state)
+    assert run.table.until(gw.targets["a/one"], run.now) == run.now + 2.0
+    assert run.pacer.delay("a/one", run.now + 2.0) == pytest.approx(0.2)

@@ -16,6 +16,7 @@ from controlplane.state.table import FOREVER, Block, KeyState, SlowResponse, Sta
 from extproc.coordinator import Coordinator
 from extproc.policy.classify import ErrorType, Outcome
 from extproc.policy.decide import Deliver, GiveUp, Retry, first_target, next_attempt
+from extproc.policy.effects import apply
 from extproc.policy.errors import exhausted
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import Attempt, RequestState
@@ -135,8 +136,10 @@ class Walk:
             error = ErrorType.SERVER_ERROR
         outcome = Outcome(status, error, retry_after)
         self.state.current.outcome = outcome
-        decision = next_attempt(self.state, outcome, self.gw.order(self.state.primary), now=self.now,
-                                table=self.table, pacer=Pacer(), rng=random.Random(1))
+        pacer = Pacer()
+        decision, effects = next_attempt(self.state, outcome, self.gw.order(self.state.primary), now=self.now,
+                                         table=self.table, pacer=pacer, rng=random.Random(1))
+        apply(effects, self.table, pacer, self.state)
         if isinstance(decision, Retry):
             self.state.current.retried_by = decision.rule
             key = self.table.usable_key(decision.target, self.now) or 0 if decision.target.pooled else 0
@@ -203,7 +206,7 @@ def test_pacing_spreads_delayed_retries_by_at_least_the_base() -> None:
     starts = []
     for _ in range(5):  # five requests all wanting to retry at t=10
         start = 10.0 + pacer.delay("a/x", 10.0)
-        pacer.take("a/x", start, backoff, rng)
+        pacer.reserve("a/x", start, Pacer.gap(backoff, rng))
         starts.append(start)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert all(0.2 <= g < 0.3 for g in gaps) and len(set(gaps)) > 1  # at least the base, jittered
@@ -224,8 +227,9 @@ model_providers:
         state = RequestState(primary=target, started=0.0, client_path="/", client_credentials=(),
                              next_target=target)
         state.attempts.append(Attempt(target, 0.0))
-        decision = next_attempt(state, Outcome(429, ErrorType.RATE_LIMITED), (), now=0.0, table=table, pacer=pacer,
-                                rng=random.Random(1))
+        decision, effects = next_attempt(state, Outcome(429, ErrorType.RATE_LIMITED), (), now=0.0, table=table,
+                                         pacer=pacer, rng=random.Random(1))
+        apply(effects, table, pacer, state)
         waits.append(round(decision.wait, 3))
     assert waits == [0.1, 0.2, 0.3, 0.4]
 
