@@ -1,6 +1,7 @@
 """Failure conduct end to end, driven by the openai SDK against wire-format mocks: retry the primary
 after its Retry-After, then fall back (`then`); what a provider's error means (a context window, a
-content policy, an empty quota) decides where the request may go.
+content policy, an empty quota) decides where the request may go; the client's deadline; timers
+that compose (a silent provider, a slow first token).
 
 Providers: p (the primary), same (a fallback with the primary's context window), big (a larger one).
 """
@@ -52,14 +53,18 @@ def mocks() -> Iterator[dict[str, OpenAIChatMock]]:
         mock.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+def _stack(tmp_path_factory: pytest.TempPathFactory, template: str, mocks: dict[str, OpenAIChatMock]) -> Iterator[Stack]:
     port = free_port()
-    config = CONFIG.format(port=port, **{name: mock.url for name, mock in mocks.items()})
+    config = template.format(port=port, **{name: mock.url for name, mock in mocks.items()})
     stack = start_stack(tmp_path_factory.mktemp("conduct"), config, port)
     yield stack
     stack.client.close()
     stack.sidestep("down", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+    yield from _stack(tmp_path_factory, CONFIG, mocks)
 
 
 @pytest.fixture(autouse=True)
@@ -151,12 +156,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def deadline_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    port = free_port()
-    config = DEADLINE.format(port=port, **{name: mock.url for name, mock in mocks.items()})
-    stack = start_stack(tmp_path_factory.mktemp("deadline"), config, port)
-    yield stack
-    stack.client.close()
-    stack.sidestep("down", check=False)
+    yield from _stack(tmp_path_factory, DEADLINE, mocks)
 
 
 def test_a_clients_timeout_shortens_the_attempt_so_a_failover_answers_in_time(deadline_stack, mocks) -> None:
@@ -213,12 +213,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def timers_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    port = free_port()
-    config = TIMERS.format(port=port, **{name: mock.url for name, mock in mocks.items()})
-    stack = start_stack(tmp_path_factory.mktemp("timers"), config, port)
-    yield stack
-    stack.client.close()
-    stack.sidestep("down", check=False)
+    yield from _stack(tmp_path_factory, TIMERS, mocks)
 
 
 def test_a_silent_provider_fails_over_after_its_attempt_timeout_whatever_the_idle_timeout(timers_stack, mocks):
