@@ -45,26 +45,39 @@ _STATUS = {
     "rate_limit_exceeded": 429, "insufficient_quota": 429, "requests": 429, "tokens": 429,
     "server_error": 500, "service_unavailable": 503, "overloaded": 503,
 }
-# Anthropic events that carry content; anything else (message_start, ping, …) is preamble.
-_ANTHROPIC_CONTENT = frozenset({"content_block_delta", "message_delta", "message_stop"})
+# Anthropic events that end the answer; content_block_delta carries content; anything else
+# (message_start, ping, a text block's start, …) is preamble.
+_ANTHROPIC_END = frozenset({"message_delta", "message_stop"})
+_ONE_MORE = object()  # a content event: one more towards the commit point
 
 
 class CommitPeek:
-    """Reads a provider's SSE stream until its first content event or its first error."""
+    """Reads a provider's SSE stream until its commit point — `events` content events (1: the first
+    token), or the stream's end — or until its first error.
 
-    def __init__(self) -> None:
+    Holding more than the first event makes an early cut invisible too (the held events are simply
+    not sent, and the attempt fails over), at the cost of a later first token for the client."""
+
+    def __init__(self, events: int = 1) -> None:
         self._parser = SSEParser()
+        self._wanted = events
+        self._seen = 0
 
     def feed(self, chunk: bytes) -> Verdict | None:
         for event in self._parser.feed(chunk):
             verdict = self._event(event.event, event.data)
-            if verdict is not None:
+            if verdict is _ONE_MORE:
+                self._seen += 1
+                if self._seen < self._wanted:
+                    continue
+                return CONTENT
+            if isinstance(verdict, Content | StreamError):
                 return verdict
         return None
 
-    def _event(self, name: str | None, data: str) -> Verdict | None:
+    def _event(self, name: str | None, data: str) -> Verdict | object | None:
         if data.strip() == "[DONE]":
-            return CONTENT  # ended without content: nothing to fail over from
+            return CONTENT  # the stream ends: nothing more to hold it for
         try:
             obj: Any = json.loads(data)
         except ValueError:
@@ -74,20 +87,23 @@ class CommitPeek:
         kind = obj.get("type") if isinstance(obj.get("type"), str) else name
         if kind == "error" or name == "error" or "error" in obj:
             return _error(obj.get("error", obj))
-        if kind in _ANTHROPIC_CONTENT:
+        if kind in _ANTHROPIC_END:
             return CONTENT
+        if kind == "content_block_delta":
+            return _ONE_MORE
         if kind == "content_block_start":
             block = obj.get("content_block")
-            return CONTENT if isinstance(block, dict) and block.get("type") != "text" else None
+            return _ONE_MORE if isinstance(block, dict) and block.get("type") != "text" else None
         choices = obj.get("choices")
         if isinstance(choices, list):  # an OpenAI chunk: content, a tool call or a finish is content
             for choice in choices:
                 if not isinstance(choice, dict):
                     continue
                 delta = choice.get("delta") or {}
-                if choice.get("finish_reason") or (isinstance(delta, dict) and (
-                        delta.get("content") or delta.get("tool_calls") or delta.get("refusal"))):
+                if choice.get("finish_reason"):
                     return CONTENT
+                if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")):
+                    return _ONE_MORE
         return None
 
 

@@ -263,7 +263,7 @@ class AttemptProcessor:
         if streaming and not can_fail_over:
             pass  # nothing to fail over to: deliver at once (translated or not), no commit point to wait for
         elif streaming:
-            peek = CommitPeek()
+            peek = CommitPeek(self.servicer.gateway.listener.stream_commit_events)
             first_token = (attempt.started if attempt else self.coordinator.clock()) + plan.first_token_timeout
             held = 0
             while True:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Reply:
     stream: bool | None = None  # None: stream when the request asked for it
     interval: float = 0.0  # between SSE events
     first_event_delay: float = 0.0  # between the stream's headers and its first event (a slow first token)
+    cut_after: int | None = None  # a stream: reset the connection after this many events (a provider that breaks)
     stream_error: bool = False  # 200 SSE whose first event is an error
     error_type: str | None = None  # error replies: the provider's type (default: by status)
     error_code: str | None = None  # OpenAI error replies: `code` (None: the status's usual one; "": null)
@@ -267,6 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
 
     def start_stream(self, reply: Reply) -> None:
+        self.events_sent = 0
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
@@ -276,7 +279,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def send_event(self, data: bytes, reply: Reply) -> bool:
-        """One SSE event as one HTTP chunk; False when the client went away."""
+        """One SSE event as one HTTP chunk; False when the client went away (or `cut_after` cut it)."""
+        if reply.cut_after is not None and self.events_sent >= reply.cut_after:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # a reset, mid-stream: no terminator, no last chunk
+            self.close_connection = True
+            return False
+        self.events_sent += 1
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
         return not (reply.interval and self.wait_for_close(reply.interval))

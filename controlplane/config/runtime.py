@@ -224,6 +224,7 @@ class ListenerSpec:
     attempt_timeout: float
     first_token_timeout: float | None
     stream_idle_timeout: float
+    stream_commit_events: int
     request_timeout: float
     max_request_body_bytes: int
 
@@ -297,6 +298,7 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         attempt_timeout=spec.attempt_timeout,
         first_token_timeout=spec.first_token_timeout,
         stream_idle_timeout=spec.stream_idle_timeout,
+        stream_commit_events=spec.stream_commit_events,
         request_timeout=spec.request_timeout,
         max_request_body_bytes=spec.max_request_body_bytes,
     )

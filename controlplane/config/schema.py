@@ -270,6 +270,9 @@ class Listener(_Strict):
     `attempt_timeout`)."""
     stream_idle_timeout: Timeout = 300.0
     """sidestep: default stall window: longest pause between two chunks of a response."""
+    stream_commit_events: Annotated[int, Field(ge=1, le=1000)] = 1
+    """sidestep: a streamed answer is held (headers included) until this many content events arrived
+    (or it ended): a provider failing before then is failed over invisibly. 1: the first token."""
     request_timeout: Timeout = 60.0
     """sidestep: the longest a client may take to send its whole request (headers and body); slower
     clients get 408."""

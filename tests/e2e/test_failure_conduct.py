@@ -232,3 +232,38 @@ def test_headers_at_once_but_a_slow_first_token_fail_over_before_it_arrives(time
     elapsed = time.monotonic() - started
     assert text.startswith("Hello from big") and "Hello from p" not in text  # only the fallback's answer
     assert 1.8 <= elapsed < 6
+
+
+HELD = """
+listeners: [{{type: model, port: {port}, stream_commit_events: 3}}]
+model_providers:
+  - model: p/held
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    retry_policy: {{fallback_models: [big/gpt], default_max_attempts: 1}}
+  - {{model: big/gpt, base_url: "{big}", provider_interface: openai, access_key: sk-b-000000000000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def held_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
+    yield from _stack(tmp_path_factory, HELD, mocks)
+
+
+def test_a_stream_cut_before_its_commit_point_fails_over_invisibly(held_stack, mocks) -> None:
+    # the role preamble and one piece of content, then a reset: still inside the 3 events held back
+    mocks["p"].script(Reply(cut_after=2, interval=0.05))
+    stream = client(held_stack).chat.completions.create(model="p/held", messages=HI, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from big! How can I help?"  # the fallback's whole answer, nothing of p's
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(mocks["p"].requests) == 1 and len(mocks["big"].requests) == 1
+
+
+def test_a_stream_that_passes_its_commit_point_is_delivered_whole(held_stack, mocks) -> None:
+    mocks["p"].script(Reply(interval=0.02))
+    stream = client(held_stack).chat.completions.create(model="p/held", messages=HI, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("Hello from p") and mocks["big"].requests == []

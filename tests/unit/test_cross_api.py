@@ -287,3 +287,14 @@ def test_every_error_body_in_the_rendered_config_comes_from_apierrors() -> None:
         else:
             assert inner["type"] in known_types, body
         assert inner["message"], body
+
+
+def test_a_later_commit_point_holds_more_content_events() -> None:
+    peek = CommitPeek(events=3)
+    assert peek.feed(OPENAI_OK) is None  # the role preamble and one content event
+    assert peek.feed(b'data: {"choices":[{"delta":{"content":" there"}}]}\n\n') is None
+    assert peek.feed(b'data: {"choices":[{"delta":{"content":"!"}}]}\n\n') == Content()
+    short = CommitPeek(events=3)  # an answer that ends before the commit point is delivered
+    assert short.feed(OPENAI_OK + b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n') == Content()
+    assert CommitPeek(events=3).feed(ANTHROPIC_OK + b'event: message_stop\ndata: {"type":"message_stop"}\n\n') \
+        == Content()
