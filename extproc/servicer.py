@@ -192,7 +192,9 @@ class AttemptProcessor:
         # An error under a policy (or a key pool) is read before deciding: what the provider said can
         # change where the request goes (a context window, a content policy, an empty quota), and the
         # failed attempt's body must be read anyway before marking a retry.
-        read_first = status >= 400 and not headers.end_of_stream and self.coordinator.reads_errors(plan.state)
+        answered = details in (None, "via_upstream")  # else the body is Envoy's own (a timeout, a reset)
+        read_first = (status >= 400 and answered and not headers.end_of_stream
+                      and self.coordinator.reads_errors(plan.state))
         if read_first:
             await self.context.write(Replies.buffer_response_body())
             read = await self._body()
@@ -294,7 +296,7 @@ class AttemptProcessor:
                 assert isinstance(item, tuple)
                 pending.append(item)
                 ended = item[1]
-            if status >= 400:
+            if status >= 400 and details in (None, "via_upstream"):  # the provider's own words, not Envoy's
                 said = ProviderError(*provider_error(plan.target.api, b"".join(c for c, _ in pending)))
         decision = self.coordinator.end_attempt(request_id, status, details, retry_after, said)
         if attempt is not None and said is not None:

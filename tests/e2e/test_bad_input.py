@@ -116,6 +116,8 @@ model_providers:
     error = _error(response)
     assert error["type"] == "retry_exhausted"
     assert [a["error_type"] for a in error["attempts"]] == ["connection_error", "connection_error"]
+    # no provider answered: Envoy's own reply is not passed off as the provider's words
+    assert "provider_error" not in error and all("provider_error" not in a for a in error["attempts"])
 
 
 def test_a_dead_worker_is_replaced_without_failing_requests(stack, providers) -> None:
