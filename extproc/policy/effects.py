@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from controlplane.config.runtime import Target
 from controlplane.config.schema import BlockScope
-from controlplane.state.table import FOREVER, Block, Blocks, Fact, StateTable, block_name
+from controlplane.state.table import Block, Blocks, Fact, StateTable, block_name
 from extproc.policy.pacing import Pacer
 from extproc.policy.state import RequestState
 
@@ -81,9 +81,6 @@ class View:
             if self.key_until(target, key.id) <= now:
                 return index
         return None
-
-    def pool_forever(self, target: Target, now: float) -> bool:
-        return self.pool_until(target, now) >= FOREVER
 
 
 def apply(effects: Effects, table: StateTable, pacer: Pacer, state: RequestState) -> None:
