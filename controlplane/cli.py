@@ -147,8 +147,9 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
                 concurrency: int) -> tuple[StackInfo, dict[str, Any]]:
     gateway = loaded.gateway
     listener = gateway.listener
-    sockets = Sockets(admin=str(rundir.socket("admin")),
-                      extproc=tuple(str(rundir.socket(f"extproc-{w}")) for w in range(workers)))
+    sockets = Sockets.in_dir(str(rundir.sockets), workers)
+    if not listener.repair_streams:
+        sockets = Sockets(sockets.admin, sockets.extproc)
     bootstrap = render_envoy(gateway, sockets, str(rundir.logs))
     host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
     host = f"[{host}]" if ":" in host else host
@@ -160,6 +161,7 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
         key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in gateway.targets.values() if t.pooled},
         envoy_concurrency=concurrency,
         gateway_keys=[[k.name, k.hint] for k in gateway.client_keys.values()],
+        relay_sockets=list(sockets.relay), relayed_socket=sockets.relayed,
     )
     return stack, bootstrap
 
@@ -258,8 +260,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     rundir = RunDir(args.home)
-    sockets = Sockets(admin=str(rundir.socket("admin")), extproc=(str(rundir.socket("extproc-0")),))
-    print(json.dumps(render_envoy(loaded.gateway, sockets, str(rundir.logs)), indent=1))
+    print(json.dumps(render_envoy(loaded.gateway, Sockets.in_dir(str(rundir.sockets), 1), str(rundir.logs)),
+                     indent=1))
     return 0
 
 

@@ -41,6 +41,19 @@ STREAM_METADATA = "stream"
 # gRPC metadata on each ext_proc stream of those clusters' filter: "held".
 FILTER_METADATA_KEY = "x-sidestep-filter"
 
+# Streams repaired by the relay (extproc/relay.py): the relay asks for a continuation (base64 JSON:
+# the targets to avoid, the text the client has), the ext_proc answers how it continues ("prefill"
+# or "regenerate"), and the relayed listener routes by the relay's worker. Clients never set them.
+CONTINUE_HEADER = "x-sidestep-continue"
+CONTINUED_HEADER = "x-sidestep-continued"
+WORKER_ROUTE_HEADER = "x-sidestep-relay-worker"
+RELAYED_LISTENER = "sidestep_relayed"
+
+
+def relay_cluster(worker: int) -> str:
+    return f"sidestep_relay_{worker}"
+
+
 # Envoy's names.
 def extproc_cluster(worker: int) -> str:
     return f"sidestep_extproc_{worker}"

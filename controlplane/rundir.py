@@ -49,6 +49,8 @@ class StackInfo:
     key_pools: dict[str, list[list[str]]]  # target → [key id, masked hint] in pool order
     envoy_concurrency: int
     gateway_keys: list[list[str]] = field(default_factory=list)  # [name, masked hint]
+    relay_sockets: list[str] = field(default_factory=list)  # each worker's stream relay (repair_streams)
+    relayed_socket: str = ""  # the Envoy listener the relays send to
 
 
 def private_umask() -> None:

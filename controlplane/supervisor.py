@@ -87,7 +87,9 @@ class Supervisor:
                             "--config-hash", stack.config_hash], rundir.log("state")),
             *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--socket", path,
                                      "--worker", str(w), "--state", stack.state_socket,
-                                     "--config-hash", stack.config_hash],
+                                     "--config-hash", stack.config_hash,
+                                     *(["--relay", stack.relay_sockets[w], "--relayed", stack.relayed_socket]
+                                       if stack.relay_sockets else [])],
                     rundir.log("extproc"))
               for w, path in enumerate(stack.extproc_sockets)),
             Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",

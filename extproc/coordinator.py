@@ -34,7 +34,7 @@ from extproc.policy.state import Attempt, RequestState
 from extproc.translate import TranslatedRequest, Untranslatable
 from extproc.translate.pairs import PROVIDER_PATHS, direction
 
-__all__ = ["AttemptPlan", "ClientRequest", "Coordinator", "Translation"]
+__all__ = ["AttemptPlan", "ClientRequest", "Continuation", "Coordinator", "Translation"]
 
 log = logging.getLogger("sidestep.extproc")
 MIN_ATTEMPT_TIMEOUT = 0.5  # seconds: an attempt shortened by a deadline still gets this long
@@ -61,6 +61,8 @@ class AttemptPlan:
     body: bytes
     path: str  # the provider's path, before a base_url prefix
     translation: Translation | None = None
+    continued: str | None = None  # a continuation: "prefill" (the text so far is the provider's to go on from)
+    #                                or "regenerate" (the answer again; the relay skips what the client has)
 
     @property
     def attempt_timeout(self) -> float:
@@ -83,6 +85,15 @@ class AttemptPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class Continuation:
+    """The stream relay asks to continue an answer whose provider broke: not from the targets that
+    broke (`avoid`), from where the client's text stops (`text`)."""
+
+    avoid: frozenset[str]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClientRequest:
     """What the ext_proc read from the client's request headers (first attempt)."""
 
@@ -93,6 +104,7 @@ class ClientRequest:
     content_type: bytes = b""
     model_header: str | None = None  # x-sidestep-model: the provider for requests without a model
     timeout: float | None = None  # seconds the client waits in all (its SDK's timeout, or x-sidestep-deadline-ms)
+    continuation: Continuation | None = None  # from the stream relay: continue a broken answer
 
 
 class Coordinator:
@@ -225,8 +237,17 @@ class Coordinator:
         if untranslatable is not None:
             return untranslatable
         budget = primary.policy.max_retry_duration if primary.policy else None
-        first = first_target(primary, self.gateway.order(primary), self.table, now, self._eligible(state),
-                             fails_over=endpoint.fails_over, limit=state.limit(budget))
+        first: Target | Retry | GiveUp
+        if request.continuation is not None:  # the stream relay: a broken answer, to continue elsewhere
+            state.continuation = request.continuation.text
+            eligible = self._eligible(state)
+            avoid = request.continuation.avoid
+            first = next((t for t in (primary, *self.gateway.order(primary)) if t.key not in avoid
+                          and (t is primary or eligible(t)) and self.table.until(t, now) <= now),
+                         GiveUp(502, "no_candidates"))
+        else:
+            first = first_target(primary, self.gateway.order(primary), self.table, now, self._eligible(state),
+                                 fails_over=endpoint.fails_over, limit=state.limit(budget))
         if isinstance(first, GiveUp):
             return exhausted(state, first)
         if isinstance(first, Retry):  # everything is blocked for a moment: wait for the first to free up
@@ -319,15 +340,17 @@ class Coordinator:
                 translated = self._translated(state, target)
             except Untranslatable as exc:  # eligibility checked it: only a bug gets here
                 return apierrors.invalid_request(str(exc))
-            return AttemptPlan(state, target, key, translated.body, PROVIDER_PATHS[target.api],  # type: ignore[index]
-                               Translation(module, translated.stream, translated.include_usage))
+            body, continued = _continued(state, translated.body, target.api)
+            return AttemptPlan(state, target, key, body, PROVIDER_PATHS[target.api],  # type: ignore[index]
+                               Translation(module, translated.stream, translated.include_usage), continued)
         body = state.body
         if state.model is not None:
             if state.endpoint.body == "multipart":  # a form field's value is raw text, not JSON
                 body = body[:state.model.start] + target.model_id.encode() + body[state.model.end:]
             else:
                 body = replace_model(body, state.model, target.model_id)
-        return AttemptPlan(state, target, key, body, state.client_path)
+        body, continued = _continued(state, body, target.api or state.endpoint.api)
+        return AttemptPlan(state, target, key, body, state.client_path, continued=continued)
 
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
         attempt = state.current
@@ -350,6 +373,20 @@ class Coordinator:
                      outcome.status,
                      decision.reason)
         return decision
+
+
+def _continued(state: RequestState, body: bytes, provider_api: Api | None) -> tuple[bytes, str | None]:
+    """The body of a continuation, and how it continues. Anthropic's API continues a trailing
+    assistant message (prefill; it refuses one ending in whitespace, which the relay restores);
+    OpenAI's chat API has no such thing, so the question is asked again (regenerate)."""
+    if state.continuation is None:
+        return body, None
+    if provider_api is not Api.ANTHROPIC or not state.continuation.strip():
+        return body, "regenerate"
+    parsed = json.loads(body)
+    parsed["messages"] = [*parsed.get("messages", []),
+                          {"role": "assistant", "content": state.continuation.rstrip()}]
+    return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode(), "prefill"
 
 
 def _refers_to_stored(body: bytes) -> bool:

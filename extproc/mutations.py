@@ -76,7 +76,7 @@ class Replies:
                 self._static[(target.key, index)] = (
                     sets + [header(k, v) for k, v in key.headers],
                     removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent])
-        self._delivered: dict[tuple[str, int, Body, bool], pb.ProcessingResponse] = {}
+        self._delivered: dict[tuple[str, int, Body, bool, str | None], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
@@ -104,7 +104,8 @@ class Replies:
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
 
     def delivered(self, target: Target, attempts: int, *, body: Body = Body.PASS,
-                  no_retry: bool = False, length: int | None = None) -> pb.ProcessingResponse:
+                  no_retry: bool = False, length: int | None = None,
+                  continued: str | None = None) -> pb.ProcessingResponse:
         """Response-headers reply for a response the client gets: which model, after how many attempts.
 
         `body`: what happens to the response body (`Body`). `no_retry`: an error the policy decided
@@ -116,12 +117,14 @@ class Replies:
             reply.response_headers.response.header_mutation.set_headers.extend(
                 [header("content-type", "application/json"), header("content-length", str(length))])
             return reply
-        key = (target.key, attempts, body, no_retry)
+        key = (target.key, attempts, body, no_retry, continued)
         reply = self._delivered.get(key)
         if reply is None:
             sets = [header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key), self.worker]
             if no_retry:
                 sets.append(_NO_RETRY)
+            if continued:
+                sets.append(header(api.CONTINUED_HEADER, continued))
             mutation = pb.HeaderMutation(set_headers=sets)
             if body is Body.TRANSLATE_STREAM:
                 mutation.set_headers.append(header("content-type", "text/event-stream"))

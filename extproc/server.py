@@ -24,6 +24,7 @@ from controlplane.config import Gateway, load_config
 from controlplane.errors import ConfigError
 from controlplane.state.replica import Replica
 from extproc.coordinator import Coordinator
+from extproc.relay import Relay
 from extproc.servicer import ExtProcServicer
 
 __all__ = ["Worker", "create_server", "main"]
@@ -66,9 +67,12 @@ def bind(server: aio.Server, address: str) -> None:
     server.add_insecure_port(address)
 
 
-async def serve(gateway: Gateway, address: str, worker_id: str, state: str | None, config_hash: str) -> None:
+async def serve(gateway: Gateway, address: str, worker_id: str, state: str | None, config_hash: str,
+                relay: tuple[str, str] | None = None) -> None:
     worker = create_server(gateway, address, worker_id)
     background: list[asyncio.Task[None]] = []
+    if relay is not None and gateway.listener.repair_streams:  # (its socket, the relayed listener's)
+        await Relay(relay[0], relay[1], worker_id).start()
     if state:
         replica = Replica(worker.coordinator.table, state, worker=worker_id, config_hash=config_hash)
         background.append(asyncio.create_task(replica.run()))
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", default="0", help="this worker's id (logs, x-sidestep-worker)")
     parser.add_argument("--state", help="the control plane's state service: its Unix socket")
     parser.add_argument("--config-hash", default="", help="must match the state service's")
+    parser.add_argument("--relay", help="the stream relay's Unix socket (repair_streams)")
+    parser.add_argument("--relayed", help="the Envoy listener the relay sends to (a Unix socket)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -111,5 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # uvloop was measured here and made no difference: gRPC's own C-core and poller dominate
     state = f"unix:{args.state}" if args.state else None
-    asyncio.run(serve(gateway, f"unix:{args.socket}", args.worker, state, args.config_hash))
+    relay = (args.relay, args.relayed) if args.relay and args.relayed else None
+    asyncio.run(serve(gateway, f"unix:{args.socket}", args.worker, state, args.config_hash, relay))
     return 0

@@ -19,6 +19,8 @@ bug still ends the request with a JSON 500 rather than a broken stream.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +37,7 @@ from controlplane.apierrors import Api, ApiError, api_for_path
 from controlplane.endpoints import find_endpoint
 from extproc.auth import Credentials, authenticate
 from extproc.commit import CommitPeek, StreamError
-from extproc.coordinator import AttemptPlan, ClientRequest, Coordinator
+from extproc.coordinator import AttemptPlan, ClientRequest, Continuation, Coordinator
 from extproc.mutations import Body, Replies
 from extproc.policy.decide import GiveUp, Retry
 from extproc.policy.errors import exhausted
@@ -62,6 +64,7 @@ class RequestHead:
     content_type: bytes
     model_header: str | None  # x-sidestep-model
     timeout: float | None  # seconds the client waits in all: its SDK's x-stainless-timeout or x-sidestep-deadline-ms
+    continuation: Continuation | None  # the stream relay's x-sidestep-continue
     end_of_stream: bool  # no body follows
 
 
@@ -168,7 +171,7 @@ class AttemptProcessor:
         # the client's own provider credentials, for passthrough_auth targets; never a gateway key
         credentials = tuple(c for c in credentials if c[0] != api.GATEWAY_KEY_HEADER)
         return ClientRequest(head.path, endpoint, credentials, client, head.content_type, head.model_header,
-                             head.timeout)
+                             head.timeout, head.continuation)
 
     async def _send(self, head: RequestHead, request: ClientRequest | None, body: bytes | None) -> AttemptPlan | None:
         plan = self.coordinator.begin_attempt(head.request_id, head.attempt, request, body or b"")
@@ -329,7 +332,8 @@ class AttemptProcessor:
                 self.coordinator.response_complete(state)
             return
         if translation is None:
-            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry))
+            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+                                                            continued=plan.continued))
             for _ in pending:
                 await self.context.write(Replies.CONTINUE_BODY)
             if until_last_byte and not ended:
@@ -337,7 +341,8 @@ class AttemptProcessor:
             elif until_last_byte:
                 self.coordinator.response_complete(state)
             return  # the rest of the stream flows through Envoy; closing our side lets it
-        await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
+        await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM,
+                                                        continued=plan.continued))
         await self._translate_stream(plan, inbox.chunks(pending), until_last_byte)
 
     async def _translate_stream(self, plan: AttemptPlan, chunks: AsyncIterator[tuple[bytes, bool]],
@@ -465,6 +470,7 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
     content_type = b""
     model_header = None
     timeout: float | None = None
+    continuation: Continuation | None = None
     credentials: list[tuple[str, bytes]] = []
     for h in headers.headers.headers:
         key = h.key
@@ -482,6 +488,8 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
             content_type = h.raw_value
         elif key == api.MODEL_REQUEST_HEADER:
             model_header = h.raw_value.decode("latin-1")
+        elif key == api.CONTINUE_HEADER:  # Envoy strips it from clients: only the stream relay sets it
+            continuation = _continuation(h.raw_value)
         elif key in _DEADLINE_HEADERS:
             seconds = _seconds(h.raw_value, _DEADLINE_HEADERS[key])
             if seconds is not None:
@@ -489,7 +497,7 @@ def _scan_request(headers: pb.HttpHeaders) -> RequestHead:
         elif key in _SCANNED:
             credentials.append((key, h.raw_value))
     return RequestHead(request_id, attempt, method, path, tuple(credentials), length, content_type, model_header,
-                       timeout, headers.end_of_stream)
+                       timeout, continuation, headers.end_of_stream)
 
 
 def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None, str]:
@@ -513,6 +521,14 @@ def _scan_response(headers: pb.HttpHeaders) -> tuple[int, str | None, str | None
 # timeout (seconds) with every request (`x-stainless-read-timeout`: how long they wait for the first
 # byte, and between bytes); x-sidestep-deadline-ms is for any other client.
 _DEADLINE_HEADERS = {"x-stainless-timeout": 1.0, "x-stainless-read-timeout": 1.0, api.DEADLINE_HEADER: 0.001}
+
+
+def _continuation(raw: bytes) -> Continuation | None:
+    try:
+        data = json.loads(base64.b64decode(raw))
+        return Continuation(frozenset(str(k) for k in data["avoid"]), str(data["text"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _seconds(raw: bytes, unit: float) -> float | None:

@@ -58,6 +58,7 @@ class Reply:
     interval: float = 0.0  # between SSE events
     first_event_delay: float = 0.0  # between the stream's headers and its first event (a slow first token)
     cut_after: int | None = None  # a stream: reset the connection after this many events (a provider that breaks)
+    pieces: int = 3  # the text is streamed in this many content events
     stream_error: bool = False  # 200 SSE whose first event is an error
     error_type: str | None = None  # error replies: the provider's type (default: by status)
     error_code: str | None = None  # OpenAI error replies: `code` (None: the status's usual one; "": null)
@@ -310,6 +311,18 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
 
+def _prefill(parsed: Any) -> str:
+    """The text of a trailing assistant message (Anthropic's prefill), or ""."""
+    messages = parsed.get("messages") or []
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant":
+        return ""
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
+
+
 def _split(text: str, parts: int = 3) -> list[str]:
     """`text` in `parts` non-empty pieces (fewer when it is short)."""
     size = max(1, -(-len(text) // parts))
@@ -466,7 +479,7 @@ class OpenAIChatMock(_Mock):
 
         if not chunk({"role": "assistant", "content": "", "refusal": None}):
             return
-        for piece in _split(text) if text else []:
+        for piece in _split(text, reply.pieces) if text else []:
             if not chunk({"content": piece}):
                 return
         for index, (call_id, name, arguments) in enumerate(calls):
@@ -587,6 +600,9 @@ class AnthropicMessagesMock(_Mock):
         ident = f"msg_{self.name}_{n}"
         model = parsed["model"]
         text = reply.text if reply.text is not None else (None if reply.tool_calls else _default_text(self.name))
+        prefill = _prefill(parsed)
+        if text and prefill and text.startswith(prefill):
+            text = text[len(prefill):]  # Anthropic continues a trailing assistant message (a prefill)
         calls = [(c.id or f"toolu_{self.name}_{n}_{i}", c.name, c.arguments) for i, c in enumerate(reply.tool_calls)]
         stop = reply.finish or ("tool_use" if calls else "end_turn")
         input_tokens, output_tokens = reply.usage
@@ -625,7 +641,7 @@ class AnthropicMessagesMock(_Mock):
             if not event("content_block_start", {"type": "content_block_start", "index": 0,
                                                  "content_block": {"type": "text", "text": ""}}):
                 return
-            for piece in _split(text):
+            for piece in _split(text, reply.pieces):
                 if not event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                      "delta": {"type": "text_delta", "text": piece}}):
                     return

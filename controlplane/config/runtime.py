@@ -225,6 +225,7 @@ class ListenerSpec:
     first_token_timeout: float | None
     stream_idle_timeout: float
     stream_commit_events: int
+    repair_streams: bool
     request_timeout: float
     max_request_body_bytes: int
 
@@ -299,6 +300,7 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         first_token_timeout=spec.first_token_timeout,
         stream_idle_timeout=spec.stream_idle_timeout,
         stream_commit_events=spec.stream_commit_events,
+        repair_streams=spec.repair_streams,
         request_timeout=spec.request_timeout,
         max_request_body_bytes=spec.max_request_body_bytes,
     )

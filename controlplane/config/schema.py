@@ -270,6 +270,11 @@ class Listener(_Strict):
     `attempt_timeout`)."""
     stream_idle_timeout: Timeout = 300.0
     """sidestep: default stall window: longest pause between two chunks of a response."""
+    repair_streams: bool = True
+    """sidestep: streamed chat answers go through a relay that continues an answer from another
+    provider when its provider breaks after the client got part of it (a cut, a stall past the stall
+    window, an error event), so the client gets one complete stream, or a well-formed error event
+    when that is impossible. `false`: such streams end as their provider ended them."""
     stream_commit_events: Annotated[int, Field(ge=1, le=1000)] = 1
     """sidestep: a streamed answer is held (headers included) until this many content events arrived
     (or it ended): a provider failing before then is failed over invisibly. 1: the first token."""

@@ -67,6 +67,16 @@ class Sockets:
 
     admin: str
     extproc: tuple[str, ...]  # one per ext_proc worker
+    relay: tuple[str, ...] = ()  # each worker's stream relay (repair_streams)
+    relayed: str = ""  # the listener the relays send their requests to (repair_streams)
+
+    @classmethod
+    def in_dir(cls, directory: str, workers: int) -> Sockets:
+        """The stack's sockets, named as `sidestep up` names them, in `directory`."""
+        return cls(admin=f"{directory}/admin.sock",
+                   extproc=tuple(f"{directory}/extproc-{w}.sock" for w in range(workers)),
+                   relay=tuple(f"{directory}/relay-{w}.sock" for w in range(workers)),
+                   relayed=f"{directory}/relayed.sock")
 
 
 def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
@@ -89,11 +99,14 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
         }],
         "static_resources": {
             "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir),
-                          _dispatch_listener(targets, gateway)],
+                          _dispatch_listener(targets, gateway),
+                          *([_relayed_listener(gateway, sockets)] if gateway.listener.repair_streams else [])],
             "clusters": [
                 *(_attempts_cluster(w, message_timeout, held) for w in range(len(sockets.extproc))
                   for held in (False, True)),
                 *(_extproc_cluster(w, sockets.extproc) for w in range(len(sockets.extproc))),
+                *((_relay_cluster(w, path) for w, path in enumerate(sockets.relay))
+                  if gateway.listener.repair_streams else ()),
                 *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
             ],
         },
@@ -121,9 +134,8 @@ def _longest_wait(gateway: Gateway) -> float:
     return longest
 
 
-def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, Any]:
-    spec = gateway.listener
-    retry_policy = {
+def _retry_policy(gateway: Gateway) -> dict[str, Any]:
+    return {
         # resets and connect failures of the internal hop are retried too (the ext_proc sees them
         # as unplanned attempts); provider failures arrive as responses marked x-sidestep-retry.
         "retry_on": "retriable-headers,reset,connect-failure",
@@ -133,8 +145,22 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         # rate_limited_retry_back_off is deliberately absent (it would add Retry-After twice).
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
     }
+
+
+def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, Any]:
+    spec = gateway.listener
+    retry_policy = _retry_policy(gateway)
     attempts = {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}
     held = {**_worker_choice(workers, held=True), "timeout": "0s", "retry_policy": retry_policy}
+    # repair_streams: streamed chat answers go to the workers' relays, which own the client's stream
+    # (no retry policy: the relay's own requests are retried on the relayed listener)
+    relay_choice = ({"weighted_clusters": {"clusters": [{"name": api.relay_cluster(w), "weight": 1}
+                                                        for w in range(workers)]}}
+                    if workers > 1 else {"cluster": api.relay_cluster(0)})
+    # a relay that is restarting with its worker refuses the connection: try again shortly
+    relayed = {**relay_choice, "timeout": "0s", "retry_policy": {
+        "retry_on": "connect-failure", "num_retries": 10,
+        "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}}}
     served = ", ".join(f"{e.method} {e.path.strip('^$')}" for e in ENDPOINTS)
     unknown = apierrors.not_found(f"sidestep serves {served} and GET {api.HEALTH_PATH}")
     virtual_host = {
@@ -142,8 +168,9 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "domains": ["*"],
         "include_request_attempt_count": True,
         "request_body_buffer_limit": spec.max_request_body_bytes,
-        "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER],
-        "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER],
+        "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER,
+                                      api.CONTINUE_HEADER, api.WORKER_ROUTE_HEADER],
+        "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER, api.CONTINUED_HEADER],
         # Only the API surface sidestep serves (controlplane/endpoints.py) reaches the ext_proc, and so
         # a provider: exact paths, matched after the HCM normalized them (dot segments, encoded dots,
         # duplicate slashes).
@@ -153,7 +180,7 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
             *({"match": {"path": e.path, "headers": [_method(e.method)], "dynamic_metadata": [{
                 "filter": api.METADATA_NAMESPACE, "path": [{"key": api.STREAM_METADATA}],
                 "value": {"bool_match": True}}]},
-               "route": held} for e in ENDPOINTS if e.streams),
+               "route": relayed if spec.repair_streams and e.translatable else held} for e in ENDPOINTS if e.streams),
             *({"match": {**({"safe_regex": {"regex": e.path}} if e.pattern else {"path": e.path}),
                          "headers": [_method(e.method)]},
                "route": attempts} for e in ENDPOINTS),
@@ -321,6 +348,7 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
             # gateway internals never reach a provider
             "request_headers_to_remove": [
                 api.TARGET_HEADER, api.GATEWAY_KEY_HEADER, api.MODEL_REQUEST_HEADER, api.DEADLINE_HEADER,
+                api.CONTINUE_HEADER, api.WORKER_ROUTE_HEADER,
                 api.PER_TRY_TIMEOUT_HEADER, api.ATTEMPT_COUNT_HEADER, "x-envoy-expected-rq-timeout-ms",
                 "x-envoy-internal", "x-forwarded-for", "x-envoy-external-address",
             ],
@@ -334,6 +362,46 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
+
+
+def _relayed_listener(gateway: Gateway, sockets: Sockets) -> dict[str, Any]:
+    """Where the stream relays send their requests: the held attempts cluster of the relay's own
+    worker (which keeps the request's state), with the model listener's retries. It closes a reset
+    stream at once (`delayed_close_timeout: 0s`): the relay must learn of a break without delay."""
+    routes = [{"match": {"prefix": "/", "headers": [{"name": api.WORKER_ROUTE_HEADER,
+                                                    "string_match": {"exact": str(w)}}]},
+               "route": {"cluster": api.attempts_cluster(w, held=True), "timeout": "0s",
+                         "retry_policy": _retry_policy(gateway)}}
+              for w in range(len(sockets.extproc))]
+    hcm = {
+        "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "relayed",
+        "delayed_close_timeout": "0s",
+        "stream_idle_timeout": "0s",
+        "request_timeout": "0s",
+        "local_reply_config": _local_replies(gateway),
+        "route_config": {"name": "relayed", "virtual_hosts": [{
+            "name": "relayed", "domains": ["*"], "include_request_attempt_count": True,
+            "request_body_buffer_limit": gateway.listener.max_request_body_bytes,
+            "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER],
+            "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER],
+            "routes": routes}]},
+        "http_filters": [_router()],
+    }
+    return {"name": api.RELAYED_LISTENER, "address": _pipe(sockets.relayed),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
+
+def _relay_cluster(worker: int, path: str) -> dict[str, Any]:
+    name = api.relay_cluster(worker)
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": _pipe(path)}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}}}},
+            "circuit_breakers": _open_breakers()}
 
 
 def _worker_choice(workers: int, *, held: bool = False) -> dict[str, Any]:

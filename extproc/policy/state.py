@@ -42,6 +42,7 @@ class RequestState:
     refused: dict[Any, str] = field(default_factory=dict)  # API → why the body cannot be translated to it ("" : it can)
     not_before: float = 0.0  # the next attempt waits until then (backoff, Retry-After)
     deadline: float | None = None  # monotonic: when the client gives up (its SDK's timeout), if it said
+    continuation: str | None = None  # the stream relay's: the text the client has of a broken answer
     attempts: list[Attempt] = field(default_factory=list)
     blocks: Blocks = field(default_factory=Blocks)  # apply_to: request
 

@@ -184,7 +184,7 @@ def test_dispatch_without_routing_header_is_a_clear_400(tmp_path: Path, provider
 listeners: [{{type: model, port: {free_port()}}}]
 model_providers: [{{model: a/x, base_url: "{providers['a'].url}", access_key: k-0123456789ab}}]
 """)
-    sockets = Sockets(admin=str(tmp_path / "admin.sock"), extproc=(str(tmp_path / "extproc-0.sock"),))
+    sockets = Sockets.in_dir(str(tmp_path), 1)
     bootstrap = render_envoy(loaded.gateway, sockets, str(tmp_path))
     probe_port = free_port()
     resources = bootstrap["static_resources"]

@@ -665,7 +665,7 @@ def test_local_control_ports_give_nothing_away(gw, providers) -> None:
         else:
             files.append(path)
             assert stat.S_IMODE(mode) == 0o600, f"{path} is {oct(stat.S_IMODE(mode))}"
-    assert {p.name for p in sockets} == {"admin.sock", "state.sock", "extproc-0.sock"}
+    assert {p.name for p in sockets} == {"admin.sock", "state.sock", "extproc-0.sock", "relay-0.sock", "relayed.sock"}
     assert {"stack.json", "config.yaml", "envoy.json", "access.log", "extproc.log"} <= {p.name for p in files}
 
     # no process of the stack listens on any TCP port but the listener

@@ -269,7 +269,7 @@ def _rendered_errors(node: object, found: list[dict]) -> None:
 
 
 def test_every_error_body_in_the_rendered_config_comes_from_apierrors() -> None:
-    bootstrap = render_envoy(gateway(), Sockets("/r/admin.sock", ("/r/w0.sock",)), "/logs")
+    bootstrap = render_envoy(gateway(), Sockets.in_dir("/r", 1), "/logs")
     found: list[dict] = []
     _rendered_errors(bootstrap, found)
     constructors = [f for name, f in inspect.getmembers(apierrors, inspect.isfunction)

@@ -12,8 +12,7 @@ from controlplane.render.envoy import Sockets, config_hash, render_envoy
 from controlplane.supervisor import envoy_binary
 
 GOLDEN = Path(__file__).parent / "golden" / "envoy_failover.json"
-SOCKETS = Sockets(admin="/home/u/.sidestep/run/admin.sock",
-                  extproc=("/home/u/.sidestep/run/extproc-0.sock", "/home/u/.sidestep/run/extproc-1.sock"))
+SOCKETS = Sockets.in_dir("/home/u/.sidestep/run", 2)
 CONFIG = """
 listeners: [{type: model, port: 12000, attempt_timeout: 20s, stream_idle_timeout: 90s}]
 model_providers:
@@ -56,7 +55,8 @@ def test_required_settings() -> None:
     listeners = {x["name"]: x for x in bootstrap["static_resources"]["listeners"]}
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     outer = listeners["model_listener"]["filter_chains"][0]["filters"][0]["typed_config"]
-    route = outer["route_config"]["virtual_hosts"][0]["routes"][1]["route"]
+    route = next(r["route"] for r in outer["route_config"]["virtual_hosts"][0]["routes"]
+                 if r["match"].get("path") == "/v1/chat/completions" and "dynamic_metadata" not in r["match"])
     assert route["timeout"] == "0s"
     retry = route["retry_policy"]
     assert "reset" in retry["retry_on"] and "rate_limited_retry_back_off" not in retry
