@@ -46,6 +46,7 @@ FILTER_METADATA_KEY = "x-sidestep-filter"
 # or "regenerate"), and the relayed listener routes by the relay's worker. Clients never set them.
 CONTINUE_HEADER = "x-sidestep-continue"
 CONTINUED_HEADER = "x-sidestep-continued"
+NO_REPAIR_HEADER = "x-sidestep-no-repair"  # on an answer whose provider opted out of stream repair
 WORKER_ROUTE_HEADER = "x-sidestep-relay-worker"
 RELAYED_LISTENER = "sidestep_relayed"
 

@@ -125,6 +125,8 @@ class Replies:
                 sets.append(_NO_RETRY)
             if continued:
                 sets.append(header(api.CONTINUED_HEADER, continued))
+            if not target.repair_streams:
+                sets.append(header(api.NO_REPAIR_HEADER, "1"))
             mutation = pb.HeaderMutation(set_headers=sets)
             if body is Body.TRANSLATE_STREAM:
                 mutation.set_headers.append(header("content-type", "text/event-stream"))

@@ -95,6 +95,9 @@ class Relay:
                 if await self._stream(upstream_reader, client, follower, splice):
                     await _chunk(client, b"")
                     return
+                if _get(response, api.NO_REPAIR_HEADER):  # its provider opted out: end it as it ended
+                    client.transport.abort()
+                    return
                 if follower.tool_call_sent:
                     await _end(client, terminal_error(caller, "the stream broke during a tool call"))
                     return

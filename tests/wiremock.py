@@ -59,6 +59,7 @@ class Reply:
     first_event_delay: float = 0.0  # between the stream's headers and its first event (a slow first token)
     cut_after: int | None = None  # a stream: reset the connection after this many events (a provider that breaks)
     pieces: int = 3  # the text is streamed in this many content events
+    cut_mode: str = "reset"  # how `cut_after` ends: "reset" (RST) or "close" (a clean close, no terminator)
     stream_error: bool = False  # 200 SSE whose first event is an error
     error_type: str | None = None  # error replies: the provider's type (default: by status)
     error_code: str | None = None  # OpenAI error replies: `code` (None: the status's usual one; "": null)
@@ -282,8 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
     def send_event(self, data: bytes, reply: Reply) -> bool:
         """One SSE event as one HTTP chunk; False when the client went away (or `cut_after` cut it)."""
         if reply.cut_after is not None and self.events_sent >= reply.cut_after:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()  # a reset, mid-stream: no terminator, no last chunk
+            if reply.cut_mode == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.close()  # mid-stream: no terminator, no last chunk
             self.close_connection = True
             return False
         self.events_sent += 1

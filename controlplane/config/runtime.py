@@ -188,6 +188,7 @@ class Target:
     kind: str  # "chat", "embeddings", "audio", "images" or "moderation"
     default_max_tokens: int  # for translated OpenAI requests to an Anthropic provider
     max_input_tokens: int | None  # context window, when configured
+    repair_streams: bool  # continue its streamed answers elsewhere when they break mid-way
     anthropic: bool  # authenticates Anthropic's way (x-api-key, anthropic-version)
     keys: tuple[ApiKey, ...]  # the access_key, or the access_keys pool in order; empty for passthrough
     pooled: bool  # access_keys: a 429/401/403 moves the request to the next key
@@ -422,6 +423,7 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         kind=entry.kind or model_kind(model_id),
         default_max_tokens=entry.default_max_tokens,
         max_input_tokens=entry.max_input_tokens,
+        repair_streams=listener.repair_streams if entry.repair_streams is None else entry.repair_streams,
         anthropic=anthropic,
         keys=keys,
         pooled=entry.access_keys is not None and not entry.passthrough_auth,

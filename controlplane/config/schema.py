@@ -213,6 +213,9 @@ class ModelProvider(_Strict):
     max_input_tokens: Annotated[int, Field(ge=1)] | None = None
     """sidestep: the model's context window. A request refused as too long (`context_length_exceeded`)
     fails over only to a fallback with a larger one, never to a model of the same size."""
+    repair_streams: bool | None = None
+    """sidestep: `false`: a streamed answer of this provider that breaks mid-way is not continued from
+    another (it ends as the provider ended it); defaults to the listener's `repair_streams`."""
     default_max_tokens: Annotated[int, Field(ge=1)] = 4096
     """sidestep: `max_tokens` sent to this (Anthropic) provider for a translated OpenAI request that
     set none; Anthropic requires one."""

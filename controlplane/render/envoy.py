@@ -170,7 +170,8 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "request_body_buffer_limit": spec.max_request_body_bytes,
         "request_headers_to_remove": [api.TARGET_HEADER, api.RETRY_HEADER, api.UPSTREAM_DETAILS_HEADER,
                                       api.CONTINUE_HEADER, api.WORKER_ROUTE_HEADER],
-        "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER, api.CONTINUED_HEADER],
+        "response_headers_to_remove": [api.UPSTREAM_DETAILS_HEADER, api.RETRY_HEADER, api.CONTINUED_HEADER,
+                                       api.NO_REPAIR_HEADER],
         # Only the API surface sidestep serves (controlplane/endpoints.py) reaches the ext_proc, and so
         # a provider: exact paths, matched after the HCM normalized them (dot segments, encoded dots,
         # duplicate slashes).

@@ -267,3 +267,11 @@ def test_a_stream_that_passes_its_commit_point_is_delivered_whole(held_stack, mo
     stream = client(held_stack).chat.completions.create(model="p/held", messages=HI, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.startswith("Hello from p") and mocks["big"].requests == []
+
+
+def test_a_flapping_primary_serves_again_once_it_recovers(stack, mocks) -> None:
+    mocks["p"].script(Reply(503), Reply(503), Reply())
+    served = [ask(stack, "p/then").choices[0].message.content.split("!")[0] for _ in range(4)]
+    # while it fails, its fallback answers; once healthy it serves again (503s carry no Retry-After,
+    # so nothing blocks it)
+    assert served == ["Hello from same", "Hello from same", "Hello from p", "Hello from p"]

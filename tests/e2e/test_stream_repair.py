@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 
 import anthropic
+import httpx
+import httpx2
 import openai
 import pytest
 
@@ -44,6 +46,12 @@ model_providers:
     access_key: sk-an-00000000000
     retry_policy: {{fallback_models: [an2/claude], default_max_attempts: 1}}
   - {{model: an2/claude, base_url: "{an2}", provider_interface: claude, access_key: sk-an2-0000000000}}
+  - model: p/unrepaired
+    base_url: "{p}"
+    provider_interface: openai
+    access_key: sk-p-000000000000000
+    repair_streams: false
+    retry_policy: {{fallback_models: [b/gpt], default_max_attempts: 1}}
 """
 
 
@@ -140,3 +148,27 @@ def test_answers_that_do_not_break_pass_unchanged(stack, mocks) -> None:
     assert text == ANSWER and mocks["b"].requests == []
     answer = oai(stack).chat.completions.create(model="p/gpt", messages=HI)  # not streamed: not relayed
     assert answer.choices[0].message.content == ANSWER
+
+
+def test_an_end_without_its_terminator_is_repaired(stack, mocks) -> None:
+    mocks["p"].script(Reply(text=ANSWER, pieces=12, cut_after=8, cut_mode="close", interval=0.02))
+    text, chunks = collect(oai(stack).chat.completions.create(model="p/gpt", messages=HI, stream=True))
+    assert text == ANSWER and chunks[-1].choices[0].finish_reason == "stop"
+    assert len(mocks["b"].requests) == 1
+
+
+def test_an_anthropic_stall_is_repaired(stack, mocks) -> None:
+    mocks["an"].script(Reply(text=ANSWER, pieces=6, interval=5))
+    client = anthropic.Anthropic(base_url=stack.url, api_key="k", max_retries=0)
+    started = time.monotonic()
+    with client.messages.stream(model="an/primary", max_tokens=200, messages=HI) as stream:
+        message = stream.get_final_message()
+    assert "".join(b.text for b in message.content if b.type == "text") == ANSWER
+    assert time.monotonic() - started < 4.5
+
+
+def test_a_provider_that_opts_out_ends_as_it_ended(stack, mocks) -> None:
+    mocks["p"].script(Reply(text=ANSWER, pieces=12, cut_after=6, interval=0.02))
+    with pytest.raises((openai.APIError, httpx.TransportError, httpx2.TransportError)):
+        collect(oai(stack).chat.completions.create(model="p/unrepaired", messages=HI, stream=True))
+    assert mocks["b"].requests == []  # not continued elsewhere
