@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import anthropic
 import openai
 import pytest
 
 from controlplane.rundir import free_port
 from tests.e2e.conftest import Stack, start_stack
-from tests.wiremock import OpenAIChatMock, Reply
+from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ def mocks() -> Iterator[dict[str, OpenAIChatMock]]:
         mock.stop()
 
 
-def _stack(tmp_path_factory: pytest.TempPathFactory, template: str, mocks: dict[str, OpenAIChatMock]) -> Iterator[Stack]:
+def _stack(tmp_path_factory: pytest.TempPathFactory, template: str, mocks: dict) -> Iterator[Stack]:
     port = free_port()
     config = template.format(port=port, **{name: mock.url for name, mock in mocks.items()})
     stack = start_stack(tmp_path_factory.mktemp("conduct"), config, port)
@@ -275,3 +276,89 @@ def test_a_flapping_primary_serves_again_once_it_recovers(stack, mocks) -> None:
     # while it fails, its fallback answers; once healthy it serves again (503s carry no Retry-After,
     # so nothing blocks it)
     assert served == ["Hello from same", "Hello from same", "Hello from p", "Hello from p"]
+
+
+# ---- the same faults in Anthropic's stream format, driven by the anthropic SDK
+
+ANTHROPIC = """
+listeners: [{{type: model, port: {port}, attempt_timeout: 2s, first_token_timeout: 2s, stream_idle_timeout: 2s}}]
+model_providers:
+  - model: ap/claude
+    base_url: "{ap}"
+    provider_interface: claude
+    access_key: sk-ap-00000000000000
+    max_input_tokens: 8000
+    retry_policy:
+      fallback_models: [asame/claude, abig/claude]
+      on_status_codes:
+        - {{codes: [429], strategy: same_model, max_attempts: 1, then: different_provider}}
+        - {{codes: [400], strategy: different_provider, max_attempts: 2}}
+      retry_after_handling: {{apply_to: request, max_retry_after_seconds: 10}}
+  - {{model: asame/claude, base_url: "{asame}", provider_interface: claude, access_key: sk-as-00000000000, max_input_tokens: 8000}}
+  - {{model: abig/claude, base_url: "{abig}", provider_interface: claude, access_key: sk-ab-00000000000, max_input_tokens: 200000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def amocks() -> Iterator[dict[str, AnthropicMessagesMock]]:
+    started = {name: AnthropicMessagesMock(name).start() for name in ("ap", "asame", "abig")}
+    yield started
+    for mock in started.values():
+        mock.stop()
+
+
+@pytest.fixture(scope="module")
+def astack(tmp_path_factory: pytest.TempPathFactory, amocks) -> Iterator[Stack]:
+    yield from _stack(tmp_path_factory, ANTHROPIC, amocks)
+
+
+def astream(stack: Stack) -> str:
+    sdk = anthropic.Anthropic(base_url=stack.url, api_key="k", max_retries=0)
+    with sdk.messages.stream(model="ap/claude", max_tokens=100, messages=HI) as stream:
+        message = stream.get_final_message()
+    return "".join(b.text for b in message.content if b.type == "text")
+
+
+@pytest.fixture
+def _afresh(amocks) -> None:
+    for mock in amocks.values():
+        mock.script(Reply())
+
+
+@pytest.mark.usefixtures("_afresh")
+class TestAnthropicFormat:
+    def test_429_retried_after_its_retry_after_then_served(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(429, retry_after="2"), Reply())
+        started = time.monotonic()
+        assert astream(astack).startswith("Hello from ap") and time.monotonic() - started >= 1.8
+
+    def test_persistent_429_falls_back_after_one_retry(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(429, retry_after="2"))
+        assert astream(astack).startswith("Hello from asame") and len(amocks["ap"].requests) == 2
+
+    def test_a_silent_provider_fails_over(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(delay=60))
+        started = time.monotonic()
+        assert astream(astack).startswith("Hello from asame") and time.monotonic() - started < 5
+
+    def test_a_slow_first_token_fails_over_before_it_arrives(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(first_event_delay=20))
+        started = time.monotonic()
+        assert astream(astack).startswith("Hello from asame") and time.monotonic() - started < 6
+
+    def test_an_error_event_first_fails_over(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(stream_error=True))
+        assert astream(astack).startswith("Hello from asame")
+
+    def test_prompt_too_long_goes_to_the_larger_window(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(400, error_type="invalid_request_error",
+                                  message="prompt is too long: 9000 tokens > 8000 maximum"))
+        assert astream(astack).startswith("Hello from abig") and amocks["asame"].requests == []
+
+    def test_content_policy_is_not_failed_over(self, astack, amocks) -> None:
+        amocks["ap"].script(Reply(400, error_type="invalid_request_error",
+                                  message="Output blocked by content filtering policy"))
+        with pytest.raises(anthropic.BadRequestError) as info:
+            astream(astack)
+        assert "content filtering policy" in str(info.value)
+        assert amocks["asame"].requests == [] and amocks["abig"].requests == []
