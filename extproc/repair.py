@@ -75,8 +75,11 @@ class Follower:
         return "".join(self.parts)
 
     def broken(self, event: bytes) -> bool:
-        """Is this event the provider failing (an in-stream error), rather than part of the answer?"""
+        """Is this event the provider failing (an in-stream error, or garbage where an event's JSON
+        should be), rather than part of the answer? Comments and keep-alives are neither."""
         name, data = _fields(event)
+        if data is None:
+            return any(line.startswith(b"data:") for line in event.split(b"\n"))
         return name == "error" or (isinstance(data, dict) and ("error" in data and "choices" not in data))
 
     def feed(self, event: bytes) -> None:

@@ -100,6 +100,7 @@ def test_a_persistent_429_is_retried_once_then_falls_back(stack, mocks) -> None:
     elapsed = time.monotonic() - started
     assert 1.8 <= elapsed < 6
     assert answer.choices[0].message.content.startswith("Hello from same")
+    assert answer.model == "gpt" and answer.usage is not None  # the fallback's own model and usage
     assert len(mocks["p"].requests) == 2 and len(mocks["same"].requests) == 1
 
 

@@ -7,6 +7,7 @@ Driven by the official SDKs against wire-format mocks that can cut a stream afte
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -172,3 +173,16 @@ def test_a_provider_that_opts_out_ends_as_it_ended(stack, mocks) -> None:
     with pytest.raises((openai.APIError, httpx.TransportError, httpx2.TransportError)):
         collect(oai(stack).chat.completions.create(model="p/unrepaired", messages=HI, stream=True))
     assert mocks["b"].requests == []  # not continued elsewhere
+
+
+def test_a_malformed_event_mid_stream_is_a_break_and_is_repaired(stack, mocks) -> None:
+    pieces = [ANSWER[:10], ANSWER[10:25]]
+    events = [{"id": "c9", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    events += [{"id": "c9", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in pieces]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b'data: {"choices": [{"delt\n\n'
+    mocks["p"].script(Reply(body=raw, content_type="text/event-stream"))
+    text, chunks = collect(oai(stack).chat.completions.create(model="p/gpt", messages=HI, stream=True))
+    assert text == ANSWER and len({c.id for c in chunks}) == 1
+    assert len(mocks["b"].requests) == 1

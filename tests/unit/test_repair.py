@@ -86,6 +86,8 @@ def test_what_counts_as_a_break_and_as_a_tool_call() -> None:
     assert follower.tool_call_sent
     openai_follower = Follower(Api.OPENAI)
     assert openai_follower.broken(b'data: {"error": {"message": "x"}}\n\n')
+    assert openai_follower.broken(b'data: {"choices": [{"delta": {"cont\n\n')  # garbage for JSON
+    assert not openai_follower.broken(b": keep-alive\n\n")
     openai_follower.feed(b'data: {"id":"c","choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n\n')
     assert openai_follower.tool_call_sent
 
