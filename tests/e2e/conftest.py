@@ -72,6 +72,17 @@ def start_stack(tmp: Path, config: str, port: int, *up_args: str) -> Stack:
     return Stack(home=home, url=f"http://127.0.0.1:{port}", client=httpx.Client())
 
 
+def stack_for(tmp_path_factory: pytest.TempPathFactory, template: str, mocks: dict) -> Iterator[Stack]:
+    """A stack for a module (`yield from` it in a module-scoped fixture): `{port}` in the template is
+    a free listener port, `{name}` each mock's URL."""
+    port = free_port()
+    config = template.format(port=port, **{name: mock.url for name, mock in mocks.items()})
+    stack = start_stack(tmp_path_factory.mktemp("stack"), config, port)
+    yield stack
+    stack.client.close()
+    stack.sidestep("down", check=False)
+
+
 @pytest.fixture
 def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """`make_stack(config_template)`: `{port}` in the template becomes a free listener port."""

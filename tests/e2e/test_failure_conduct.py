@@ -15,8 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from controlplane.rundir import free_port
-from tests.e2e.conftest import Stack, start_stack
+from tests.e2e.conftest import Stack, stack_for
 from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply
 
 pytestmark = pytest.mark.e2e
@@ -54,18 +53,9 @@ def mocks() -> Iterator[dict[str, OpenAIChatMock]]:
         mock.stop()
 
 
-def _stack(tmp_path_factory: pytest.TempPathFactory, template: str, mocks: dict) -> Iterator[Stack]:
-    port = free_port()
-    config = template.format(port=port, **{name: mock.url for name, mock in mocks.items()})
-    stack = start_stack(tmp_path_factory.mktemp("conduct"), config, port)
-    yield stack
-    stack.client.close()
-    stack.sidestep("down", check=False)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    yield from _stack(tmp_path_factory, CONFIG, mocks)
+    yield from stack_for(tmp_path_factory, CONFIG, mocks)
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +148,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def deadline_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    yield from _stack(tmp_path_factory, DEADLINE, mocks)
+    yield from stack_for(tmp_path_factory, DEADLINE, mocks)
 
 
 def test_a_clients_timeout_shortens_the_attempt_so_a_failover_answers_in_time(deadline_stack, mocks) -> None:
@@ -215,7 +205,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def timers_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    yield from _stack(tmp_path_factory, TIMERS, mocks)
+    yield from stack_for(tmp_path_factory, TIMERS, mocks)
 
 
 def test_a_silent_provider_fails_over_after_its_attempt_timeout_whatever_the_idle_timeout(timers_stack, mocks):
@@ -250,7 +240,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def held_stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    yield from _stack(tmp_path_factory, HELD, mocks)
+    yield from stack_for(tmp_path_factory, HELD, mocks)
 
 
 def test_a_stream_cut_before_its_commit_point_fails_over_invisibly(held_stack, mocks) -> None:
@@ -310,7 +300,7 @@ def amocks() -> Iterator[dict[str, AnthropicMessagesMock]]:
 
 @pytest.fixture(scope="module")
 def astack(tmp_path_factory: pytest.TempPathFactory, amocks) -> Iterator[Stack]:
-    yield from _stack(tmp_path_factory, ANTHROPIC, amocks)
+    yield from stack_for(tmp_path_factory, ANTHROPIC, amocks)
 
 
 def astream(stack: Stack) -> str:

@@ -17,8 +17,7 @@ import httpx2
 import openai
 import pytest
 
-from controlplane.rundir import free_port
-from tests.e2e.conftest import Stack, start_stack
+from tests.e2e.conftest import Stack, stack_for
 from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply
 
 pytestmark = pytest.mark.e2e
@@ -67,12 +66,7 @@ def mocks() -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, mocks) -> Iterator[Stack]:
-    port = free_port()
-    config = CONFIG.format(port=port, **{name: mock.url for name, mock in mocks.items()})
-    stack = start_stack(tmp_path_factory.mktemp("repair"), config, port)
-    yield stack
-    stack.client.close()
-    stack.sidestep("down", check=False)
+    yield from stack_for(tmp_path_factory, CONFIG, mocks)
 
 
 @pytest.fixture(autouse=True)
