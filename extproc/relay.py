@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 
 from controlplane import internalapi as api
 from controlplane.apierrors import api_for_path
@@ -92,7 +93,7 @@ class Relay:
                 else:
                     splice = Splice(caller, follower, _get(response, api.CONTINUED_HEADER) or "regenerate")
                 avoid.append(_get(response, api.MODEL_HEADER))
-                if await self._stream(upstream_reader, client, follower, splice):
+                if await self._stream(_pieces(upstream_reader, response), client, follower, splice):
                     await _chunk(client, b"")
                     return
                 if _get(response, api.NO_REPAIR_HEADER):  # its provider opted out: end it as it ended
@@ -109,21 +110,16 @@ class Relay:
                 upstream_writer.close()
         await _end(client, terminal_error(caller, "the stream broke and every continuation failed"))
 
-    async def _stream(self, upstream: asyncio.StreamReader, client: asyncio.StreamWriter, follower: Follower,
+    async def _stream(self, pieces: AsyncIterator[bytes], client: asyncio.StreamWriter, follower: Follower,
                       splice: Splice | None) -> bool:
         """Forward complete events until the answer is finished (True) or the provider breaks (False)."""
         buffer = bytearray()
         try:
-            while True:
-                size_line = await upstream.readuntil(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
-                    await upstream.readuntil(b"\r\n")
-                    return follower.finished
-                buffer += (await upstream.readexactly(size + 2))[:-2]
+            async for piece in pieces:
+                buffer += piece
                 for event in events(buffer):
                     if follower.broken(event):
-                        return False  # an error event mid-answer: a break like any other
+                        return False  # an error event (or garbage) mid-answer: a break like any other
                     out = splice.feed(event) if splice is not None else event
                     follower.feed(event if splice is None else out or b"")
                     if out:
@@ -132,6 +128,26 @@ class Relay:
                     return True
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             return False
+        return follower.finished  # the body ended: finished only if the terminator came
+
+
+async def _pieces(reader: asyncio.StreamReader, headers: list[tuple[str, str]]) -> AsyncIterator[bytes]:
+    """The response body as it arrives: chunked, of a content-length, or to the end of the connection."""
+    if _get(headers, "transfer-encoding").lower() == "chunked":
+        while (size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)) > 0:
+            yield (await reader.readexactly(size + 2))[:-2]
+        return
+    length = _get(headers, "content-length")
+    left = int(length) if length else None
+    while left is None or left > 0:
+        piece = await reader.read(65536 if left is None else min(left, 65536))
+        if not piece:
+            if left:
+                raise asyncio.IncompleteReadError(b"", left)
+            return
+        if left is not None:
+            left -= len(piece)
+        yield piece
 
 
 def _continue(avoid: list[str], text: str) -> str:
