@@ -152,7 +152,7 @@ class Coordinator:
     def reads_errors(self, state: RequestState) -> bool:
         """Must an error response be read before deciding? Only when a policy or a key pool decides."""
         current = state.current
-        return state.primary.policy is not None or (current is not None and current.target.pooled)
+        return state.policy is not None or (current is not None and current.target.pooled)
 
     def end_attempt(self, request_id: str, status: int, details: str | None, retry_after: str | None,
                     error: ProviderError | None = None) -> Decision:

@@ -215,7 +215,7 @@ class AttemptProcessor:
             await self._error(exhausted(plan.state, decision), attempts)
         elif read_first:  # an error delivered as the provider said it (translated into the client's API)
             out = self._translate_whole(plan, status, body) if plan.translation is not None else None
-            no_retry = plan.state.primary.policy is not None and plan.state.endpoint.fails_over
+            no_retry = plan.state.policy is not None
             await self.context.write(self.replies.delivered_body(plan.target, attempts, no_retry=no_retry, body=out))
         else:
             await self._deliver(plan, headers, status, content_type, decision.until_last_byte)
@@ -227,7 +227,7 @@ class AttemptProcessor:
         state = plan.state
         attempts = state.attempt_number
         # an error the policy chose not to retry: the client's SDK must not retry it either
-        no_retry = status >= 400 and state.primary.policy is not None and state.endpoint.fails_over
+        no_retry = status >= 400 and state.policy is not None
         translation = plan.translation
         if translation is None or headers.end_of_stream:
             follow = until_last_byte and not headers.end_of_stream
@@ -264,7 +264,7 @@ class AttemptProcessor:
         ended = headers.end_of_stream
         said: ProviderError | None = None
         streaming = status < 400 and content_type.startswith("text/event-stream") and not ended
-        can_fail_over = plan.state.primary.policy is not None and plan.state.endpoint.fails_over
+        can_fail_over = plan.state.policy is not None
         if streaming and not can_fail_over:
             pass  # nothing to fail over to: deliver at once (translated or not), no commit point to wait for
         elif streaming:
@@ -318,7 +318,7 @@ class AttemptProcessor:
                             inbox: _Inbox, until_last_byte: bool) -> None:
         state = plan.state
         attempts = state.attempt_number
-        no_retry = status >= 400 and state.primary.policy is not None and state.endpoint.fails_over
+        no_retry = status >= 400 and state.policy is not None
         translation = plan.translation
         if translation is not None and ended and not (status < 400 and len(pending) > 1):
             # a whole body (an error, or JSON where a stream was asked for): translate it at once

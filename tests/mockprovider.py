@@ -74,7 +74,7 @@ class MockProvider:
 
     def start(self) -> MockProvider:
         handler = type("Handler", (_Handler,), {"provider": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server = Server(("127.0.0.1", 0), handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -90,7 +90,9 @@ class MockProvider:
             return self._replies[index]
 
 
-class _Server(ThreadingHTTPServer):
+class Server(ThreadingHTTPServer):
+    """A threaded HTTP server for mocks: daemon threads, a deep accept queue."""
+
     daemon_threads = True
     request_queue_size = 256
 
@@ -163,16 +165,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _wait_for_close(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True (and stop) as soon as the client closes the connection."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.connection], [], [], min(left, 0.05))
-            if ready:
-                try:
-                    closed = self.connection.recv(1, socket.MSG_PEEK) == b""
-                except OSError:
-                    closed = True
-                if closed:
-                    self.provider.aborted.set()
-                    self.close_connection = True
-                    return True
+        if peer_closed_within(self.connection, seconds):
+            self.provider.aborted.set()
+            self.close_connection = True
+            return True
         return False
+
+
+def peer_closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as the peer closes `connection` (its data is left unread)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([connection], [], [], min(left, 0.05))
+        if ready:
+            try:
+                if connection.recv(1, socket.MSG_PEEK) == b"":
+                    return True
+            except OSError:
+                return True
+    return False

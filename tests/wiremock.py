@@ -25,16 +25,20 @@ in the provider's own error shape. Such a refusal is recorded in `Seen.rejected`
 from __future__ import annotations
 
 import json
-import select
 import socket
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["AnthropicMessagesMock", "AnyPathMock", "OpenAIChatMock", "Reply", "Seen", "ToolCall", "multipart_parts"]
+from tests.mockprovider import Server, peer_closed_within
+
+__all__ = ["AnthropicMessagesMock", "AnyPathMock", "OpenAIChatMock", "Reply", "Seen", "ToolCall", "multipart_parts",
+           "serving"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,18 @@ def multipart_parts(seen: Seen) -> list[tuple[dict[str, str], bytes]]:
     return parts
 
 
+_M = TypeVar("_M", bound="_Mock")
+
+
+def serving(mocks: dict[str, _M]) -> Iterator[dict[str, _M]]:
+    """Start `mocks`, hand them over, stop them: `yield from serving({...})` in a fixture."""
+    for mock in mocks.values():
+        mock.start()
+    yield mocks
+    for mock in mocks.values():
+        mock.stop()
+
+
 class _Bad(Exception):
     """A request the mock's real API refuses: (status, error type, message)."""
 
@@ -115,8 +131,9 @@ class _Bad(Exception):
         self.status, self.kind, self.message = status, kind, message
 
 
-class _Mock:
-    """Scripted replies, recorded requests, a threaded HTTP/1.1 server on 127.0.0.1."""
+class _Mock(ABC):
+    """Scripted replies, recorded requests, a threaded HTTP/1.1 server on 127.0.0.1; a subclass per
+    API says what it accepts (`check`), how it fails (`error_body`) and how it answers (`answer`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -149,7 +166,7 @@ class _Mock:
 
     def start(self) -> _Mock:
         handler = type("Handler", (_Handler,), {"mock": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server = Server(("127.0.0.1", 0), handler)
         threading.Thread(target=self._server.serve_forever, daemon=True, name=f"mock-{self.name}").start()
         return self
 
@@ -173,16 +190,13 @@ class _Mock:
         """Validate as the real API would; return the parsed body. Raises _Bad."""
         return None
 
+    @abstractmethod
     def error_body(self, status: int, kind: str | None, code: str | None, message: str) -> bytes:
-        raise NotImplementedError
+        """An error body in the API's own shape."""
 
+    @abstractmethod
     def answer(self, handler: _Handler, seen: Seen, parsed: Any, reply: Reply) -> None:
-        raise NotImplementedError
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
+        """Send `reply` the way the API does."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -301,17 +315,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def wait_for_close(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True (and stop) as soon as the client closes the connection."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.connection], [], [], min(left, 0.05))
-            if ready:
-                try:
-                    closed = self.connection.recv(1, socket.MSG_PEEK) == b""
-                except OSError:
-                    closed = True
-                if closed:
-                    self.close_connection = True
-                    return True
+        if peer_closed_within(self.connection, seconds):
+            self.close_connection = True
+            return True
         return False
 
 

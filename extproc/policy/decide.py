@@ -113,8 +113,7 @@ def next_attempt(state: RequestState, outcome: Outcome, order: Sequence[Target],
 
 def _decide(state: RequestState, outcome: Outcome, order: Sequence[Target], now: float, view: View, pacer: Pacer,
             rng: random.Random, eligible: Callable[[Target], bool]) -> Decision:
-    # requests without a model of their own (multipart, file ids) go to one provider: no failover
-    policy = state.primary.policy if state.endpoint.fails_over else None
+    policy = state.policy
     attempt = state.current
     if outcome.ok or attempt is None:
         return DELIVER

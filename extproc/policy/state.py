@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.config.runtime import Target
+from controlplane.config.runtime import Policy, Target
 from controlplane.endpoints import CHAT_COMPLETIONS, Endpoint
 from controlplane.state.table import Blocks
 from extproc.body import ModelField
@@ -45,6 +45,12 @@ class RequestState:
     continuation: str | None = None  # the stream relay's: the text the client has of a broken answer
     attempts: list[Attempt] = field(default_factory=list)
     blocks: Blocks = field(default_factory=Blocks)  # apply_to: request
+
+    @property
+    def policy(self) -> Policy | None:
+        """The policy governing this request: the primary's, unless the request never fails over
+        (multipart, or no model of its own: it goes to one provider)."""
+        return self.primary.policy if self.endpoint.fails_over else None
 
     @property
     def attempt_number(self) -> int:

@@ -34,6 +34,7 @@ from tests.wiremock import (
     Seen,
     ToolCall,
     multipart_parts,
+    serving,
 )
 
 pytestmark = pytest.mark.e2e
@@ -218,11 +219,7 @@ def mocks() -> Iterator[dict[str, OpenAIChatMock | AnthropicMessagesMock | AnyPa
         "emb": AnyPathMock("emb"), "g1": AnyPathMock("g1"), "g2": AnyPathMock("g2"), "g3": AnyPathMock("g3"),
         "g4": AnyPathMock("g4"), "f1": AnyPathMock("f1"), "f2": AnyPathMock("f2"),
     }
-    for mock in made.values():
-        mock.start()
-    yield made
-    for mock in made.values():
-        mock.stop()
+    yield from serving(made)
 
 
 @pytest.fixture(autouse=True)

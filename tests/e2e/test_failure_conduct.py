@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Stack, stack_for
-from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply
+from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -47,10 +47,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def mocks() -> Iterator[dict[str, OpenAIChatMock]]:
-    started = {name: OpenAIChatMock(name).start() for name in ("p", "same", "big")}
-    yield started
-    for mock in started.values():
-        mock.stop()
+    yield from serving({name: OpenAIChatMock(name) for name in ("p", "same", "big")})
 
 
 @pytest.fixture(scope="module")
@@ -292,10 +289,7 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def amocks() -> Iterator[dict[str, AnthropicMessagesMock]]:
-    started = {name: AnthropicMessagesMock(name).start() for name in ("ap", "asame", "abig")}
-    yield started
-    for mock in started.values():
-        mock.stop()
+    yield from serving({name: AnthropicMessagesMock(name) for name in ("ap", "asame", "abig")})
 
 
 @pytest.fixture(scope="module")

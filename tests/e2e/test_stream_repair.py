@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Stack, stack_for
-from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply
+from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock, Reply, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -57,11 +57,8 @@ model_providers:
 
 @pytest.fixture(scope="module")
 def mocks() -> Iterator[dict]:
-    started = {"p": OpenAIChatMock("p").start(), "b": OpenAIChatMock("b").start(),
-               "an": AnthropicMessagesMock("an").start(), "an2": AnthropicMessagesMock("an2").start()}
-    yield started
-    for mock in started.values():
-        mock.stop()
+    yield from serving({"p": OpenAIChatMock("p"), "b": OpenAIChatMock("b"),
+                        "an": AnthropicMessagesMock("an"), "an2": AnthropicMessagesMock("an2")})
 
 
 @pytest.fixture(scope="module")
