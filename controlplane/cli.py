@@ -162,6 +162,7 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
         envoy_concurrency=concurrency,
         gateway_keys=[[k.name, k.hint] for k in gateway.client_keys.values()],
         relay_sockets=list(sockets.relay), relayed_socket=sockets.relayed,
+        shared_state=gateway.shared_state.hint if gateway.shared_state else "",
     )
     return stack, bootstrap
 

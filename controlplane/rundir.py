@@ -51,6 +51,7 @@ class StackInfo:
     gateway_keys: list[list[str]] = field(default_factory=list)  # [name, masked hint]
     relay_sockets: list[str] = field(default_factory=list)  # each worker's stream relay (repair_streams)
     relayed_socket: str = ""  # the Envoy listener the relays send to
+    shared_state: str = ""  # the Redis shared with other gateways (password masked); "" without one
 
 
 def private_umask() -> None:

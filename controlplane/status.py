@@ -46,6 +46,7 @@ def collect_status(rundir: RunDir) -> dict[str, Any]:
         "blocks": [],
         "key_pools": {},
         "state_service": None,
+        "shared_state": {"url": stack.shared_state, "state": "unknown"} if stack and stack.shared_state else None,
         "logs": str(rundir.logs),
     }
     if not running or stack is None:
@@ -54,6 +55,11 @@ def collect_status(rundir: RunDir) -> dict[str, Any]:
     report["processes"] = rundir.read_children()
     snapshot = _snapshot(stack.state_socket)
     report["state_service"] = "up" if snapshot is not None else "unreachable"
+    if snapshot is not None and snapshot.HasField("store"):
+        store = snapshot.store
+        report["shared_state"] = {"url": store.url, "namespace": store.namespace, "state": store.state,
+                                  "detail": store.detail, "for_s": round(snapshot.now - store.since, 1),
+                                  "published": store.published, "learned": store.learned}
     now = snapshot.now if snapshot is not None else time.time()
     facts = list(snapshot.facts) if snapshot is not None else []
     synced = {w.id: w for w in snapshot.workers} if snapshot is not None else {}
@@ -106,6 +112,16 @@ def format_status(report: dict[str, Any]) -> str:
         sync = "synced" if w["synced"] else "NOT synced (serving on local state)"
         lines.append(f"    worker {w['id']}  pid {w['pid'] or '-'}  {sync}, "
                      f"{w['facts_reported']} facts reported")
+    shared = report["shared_state"]
+    if shared is None:
+        lines.append("  shared state: this gateway only (no shared_state in the config)")
+    elif shared["state"] == "unknown":
+        lines.append(f"  shared state: {shared['url']} (state service unreachable)")
+    else:
+        detail = f": {shared['detail']}" if shared["detail"] else ""
+        lines.append(f"  shared state: {shared['url']} namespace {shared['namespace']}: {shared['state'].upper()} "
+                     f"for {shared['for_s']:.0f}s{detail}; {shared['published']} facts published, "
+                     f"{shared['learned']} learned from other gateways")
     lines.append("  blocks:" if report["blocks"] else "  blocks:  none")
     for b in report["blocks"]:
         lines.append(f"    {b['scope']:8s} {b['name']:30s} {b['reason']:28s} {b['remaining_s']:.0f}s left")

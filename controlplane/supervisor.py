@@ -84,7 +84,9 @@ class Supervisor:
         python = sys.executable
         self.children = [
             Child("state", [python, "-m", "controlplane.state", "--socket", stack.state_socket,
-                            "--config-hash", stack.config_hash], rundir.log("state")),
+                            "--config-hash", stack.config_hash,
+                            *(["--shared-state-from", str(rundir.config)] if stack.shared_state else [])],
+                  rundir.log("state")),
             *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--socket", path,
                                      "--worker", str(w), "--state", stack.state_socket,
                                      "--config-hash", stack.config_hash,

@@ -26,6 +26,7 @@ from controlplane.config.runtime import (
     expand_env,
     expand_status_codes,
     listener_ip,
+    mask_url,
     provider_base_url,
 )
 from controlplane.config.schema import SidestepConfig
@@ -252,7 +253,35 @@ def _semantic_issues(config: SidestepConfig, env: Mapping[str, str]) -> list[Con
                 issues.append(ConfigIssue(f"{here}.retry_policy.backoff.max_ms",
                                           f"must be at least base_ms ({backoff.base_ms})"))
     issues.extend(_gateway_key_issues(config, env, {p.model for p in providers} | set(names)))
+    if config.shared_state is not None:
+        issues.extend(_shared_state_issues(config.shared_state.redis_url, env))
     return issues
+
+
+def _shared_state_issues(url: str, env: Mapping[str, str]) -> list[ConfigIssue]:
+    here = "shared_state.redis_url"
+    missing = [var for var in env_references(url) if var not in env]
+    if missing:
+        return [ConfigIssue(here, f"environment variable {var} is not set") for var in missing]
+    expanded = expand_env(url, env)
+    try:
+        parts = urlsplit(expanded)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        return [ConfigIssue(here, f"{mask_url(expanded)!r} is not a valid URL: {exc}")]
+    shown = mask_url(expanded)
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            return [ConfigIssue(here, f"{shown!r} names no host (e.g. redis://127.0.0.1:6379/0)")]
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            return [ConfigIssue(here, f"{shown!r}: the database after the host must be a number, like /0")]
+    elif parts.scheme == "unix":
+        if not parts.path:
+            return [ConfigIssue(here, f"{shown!r} names no socket (e.g. unix:///run/redis/redis.sock)")]
+    else:
+        return [ConfigIssue(here, f"{shown!r} must be a redis://, rediss:// or unix:// URL")]
+    return []
 
 
 def _gateway_key_issues(config: SidestepConfig, env: Mapping[str, str], requestable: set[str]) -> list[ConfigIssue]:

@@ -41,6 +41,7 @@ __all__ = [
     "Upstream",
     "compile_config",
     "expand_status_codes",
+    "mask_url",
     "key_digest",
     "listener_ip",
     "mask_secret",
@@ -217,6 +218,24 @@ class ClientKey:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedStore:
+    """The Redis that gateways share state through (`shared_state`)."""
+
+    url: str  # may hold a password: show `hint`, never this
+    namespace: str
+    hint: str  # the URL with its password masked
+
+
+def mask_url(url: str) -> str:
+    """`redis://:secret@host:6379/0` → `redis://:****@host:6379/0`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:****@{host}").geturl()
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSpec:
     name: str
     address: str  # an IP address (`localhost` resolved)
@@ -242,6 +261,7 @@ class Gateway:
     # sha256 of each gateway key → who it is; empty: no key required. Looking a key up by its hash
     # makes the lookup's timing independent of how much of a guess matches a real key.
     client_keys: Mapping[bytes, ClientKey] = field(default_factory=dict)
+    shared_state: SharedStore | None = None  # used by the control plane's state service, not the data path
     _orders: dict[str, tuple[Target, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def order(self, primary: Target) -> tuple[Target, ...]:
@@ -337,7 +357,14 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
             models=None if spec.models is None else frozenset(names[m].key for m in spec.models))
         for spec in config.gateway_keys
     }
-    return Gateway(listener=listener, targets=targets, names=names, default=default, client_keys=client_keys)
+    shared = None
+    if config.shared_state is not None:
+        url = expand_env(config.shared_state.redis_url, env)
+        if local:
+            url = url.replace("@host.docker.internal", "@127.0.0.1").replace("//host.docker.internal", "//127.0.0.1")
+        shared = SharedStore(url=url, namespace=config.shared_state.namespace, hint=mask_url(url))
+    return Gateway(listener=listener, targets=targets, names=names, default=default, client_keys=client_keys,
+                   shared_state=shared)
 
 
 def key_digest(secret: bytes) -> bytes:

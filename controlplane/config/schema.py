@@ -25,6 +25,7 @@ __all__ = [
     "ModelProvider",
     "RetryAfterHandling",
     "RetryPolicy",
+    "SharedState",
     "SidestepConfig",
     "StatusCodeRule",
     "Strategy",
@@ -311,6 +312,24 @@ class GatewayKey(_Strict):
         return value
 
 
+class SharedState(_Strict):
+    """sidestep: share what this gateway learns about providers (Retry-After and latency blocks,
+    slow-response triggers, key states) with every gateway that names the same Redis and namespace."""
+
+    redis_url: str
+    """`redis://[:password@]host:port/db`, `rediss://…` (TLS) or `unix:///path/redis.sock?db=0`;
+    `$VAR` / `${VAR}` read from the environment."""
+    namespace: str = "sidestep"
+    """Prefix of the Redis keys and channel: gateways share state only within one namespace."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _plain_namespace(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", value):
+            raise ValueError(f"{value!r}: use 1 to 64 letters, digits, '_', '.', ':' or '-'")
+        return value
+
+
 class SidestepConfig(_Strict):
     """A sidestep (or Plano v0.3.0) config file."""
 
@@ -319,6 +338,8 @@ class SidestepConfig(_Strict):
     gateway_keys: list[GatewayKey] = []
     """sidestep: when set, every request must carry one of these keys (`Authorization: Bearer`,
     `x-api-key` or `x-sidestep-key`); none of them ever reaches a provider."""
+    shared_state: SharedState | None = None
+    """sidestep: without it, state is shared by this gateway's workers only."""
     model_providers: list[ModelProvider] = []
     llm_providers: list[ModelProvider] | None = None
     """Plano's older name for `model_providers`."""

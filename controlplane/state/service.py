@@ -1,6 +1,8 @@
 """The control plane's state service: the authoritative table, and the relay between workers.
 
-Usage: `python -m controlplane.state --socket PATH --config-hash H` (the supervisor starts it). It
+Usage: `python -m controlplane.state --socket PATH --config-hash H [--shared-state-from CONFIG]` (the
+supervisor starts it). With `shared_state` in the config it also exchanges facts with the other
+gateways through Redis (`controlplane.state.redis_store`). It
 listens on a Unix socket in the stack's private run directory: only the stack's own processes may
 report facts (a forged block would steer every request away from a provider).
 Each worker holds one `Sync` stream: it says Hello with everything it knows, receives a
@@ -25,7 +27,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
+from controlplane.config import load_config
+from controlplane.config.runtime import SharedStore
 from controlplane.state.codec import clock_offset, from_proto, from_protos, to_proto
+from controlplane.state.redis_store import RedisStore
 from controlplane.state.table import Fact, StateTable
 from controlplane.state.v1 import state_pb2 as pb
 from controlplane.state.v1 import state_pb2_grpc as pb_grpc
@@ -46,12 +51,22 @@ class _Peer:
 
 
 class StateService(pb_grpc.StateServicer):
-    def __init__(self, config_hash: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config_hash: str, *, shared: SharedStore | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config_hash = config_hash
         self.clock = clock
         self.table = StateTable()
         self.peers: dict[int, _Peer] = {}
         self._ids = itertools.count()
+        # Other gateways' facts go to every worker; this gateway's go to the store.
+        self.store = None if shared is None else RedisStore(
+            shared, self.table, lambda facts: self._relay(facts, clock_offset(), source=None), clock=clock)
+
+    def _learned(self, facts: list[Fact], offset: float, source: _Peer | None) -> None:
+        """Facts a worker taught the table: to the other workers, and to the other gateways."""
+        self._relay(facts, offset, source)
+        if self.store is not None and facts:
+            self.store.publish(facts)
 
     async def Sync(self, request_iterator: AsyncIterator[pb.Report],  # noqa: N802 - gRPC name
                    context: aio.ServicerContext) -> AsyncIterator[pb.Update]:
@@ -66,7 +81,7 @@ class StateService(pb_grpc.StateServicer):
         peer = _Peer(hello.worker, hello.pid, time.time())
         pid = next(self._ids)
         offset = clock_offset()
-        self._relay(self.table.load(from_protos(hello.known, offset)), offset, source=None)
+        self._learned(self.table.load(from_protos(hello.known, offset)), offset, source=None)
         self.peers[pid] = peer
         log.info("worker %s (pid %d) connected; %d facts known to it", peer.worker, peer.pid, len(hello.known))
         reader = asyncio.create_task(self._read(request_iterator, peer))
@@ -92,6 +107,7 @@ class StateService(pb_grpc.StateServicer):
             workers=[pb.Worker(id=p.worker, pid=p.pid, connected_at=p.connected_at, reported=p.reported)
                      for p in self.peers.values()],
             now=time.time(),
+            store=self.store.to_proto() if self.store is not None else None,
         )
 
     async def _read(self, reports: AsyncIterator[pb.Report], peer: _Peer) -> None:
@@ -103,7 +119,7 @@ class StateService(pb_grpc.StateServicer):
                 offset = clock_offset()
                 fact = from_proto(report.fact, offset)
                 if fact is not None and self.table.apply(fact):
-                    self._relay([fact], offset, source=peer)
+                    self._learned([fact], offset, source=peer)
         except (aio.AioRpcError, asyncio.CancelledError):
             pass
 
@@ -121,19 +137,23 @@ class StateService(pb_grpc.StateServicer):
                     peer.queue.put_nowait(None)
 
 
-async def serve(socket_path: str, config_hash: str) -> None:
+async def serve(socket_path: str, config_hash: str, shared: SharedStore | None = None) -> None:
     server = aio.server()
-    pb_grpc.add_StateServicer_to_server(StateService(config_hash), server)
+    service = StateService(config_hash, shared=shared)
+    pb_grpc.add_StateServicer_to_server(service, server)
     if os.path.exists(socket_path):  # left behind by a previous process
         os.unlink(socket_path)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     log.info("state service on %s (config %s)", socket_path, config_hash)
+    store = asyncio.create_task(service.store.run()) if service.store is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if store is not None:
+        store.cancel()
     await server.stop(grace=1)
 
 
@@ -141,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane.state", description=__doc__)
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
     parser.add_argument("--config-hash", required=True, help="workers with another config are refused")
+    parser.add_argument("--shared-state-from", metavar="CONFIG",
+                        help="share state with other gateways through the config's shared_state (Redis)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(args.socket, args.config_hash))
+    shared = load_config(args.shared_state_from).gateway.shared_state if args.shared_state_from else None
+    asyncio.run(serve(args.socket, args.config_hash, shared))
     return 0

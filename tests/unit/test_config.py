@@ -213,3 +213,43 @@ model_providers:
     assert any(w.startswith("model_providers[0] (a/x).first_token_timeout: 4s is shorter than attempt_timeout")
                for w in warnings)
     assert not any(w.startswith("model_providers[1]") for w in warnings)
+
+
+# ---- shared_state (Redis)
+
+SHARED = "model_providers: [{{model: openai/gpt-4o, access_key: sk-0123456789abcdef}}]\nshared_state: {0}\n"
+
+
+@pytest.mark.parametrize("url, hint", [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("rediss://:pa55word@redis.internal:6380/2", "rediss://:****@redis.internal:6380/2"),
+    ("redis://user:pa55word@10.0.0.5:6379", "redis://user:****@10.0.0.5:6379"),
+    ("unix:///run/redis/redis.sock?db=1", "unix:///run/redis/redis.sock?db=1"),
+])
+def test_shared_state_urls(url: str, hint: str) -> None:
+    shared = load(SHARED.format(f"{{redis_url: '{url}', namespace: team-a}}")).gateway.shared_state
+    assert shared is not None and shared.url == url and shared.hint == hint and shared.namespace == "team-a"
+
+
+def test_shared_state_url_from_the_environment_and_host_docker_internal() -> None:
+    env = {"REDIS_URL": "redis://:pw@host.docker.internal:6379/0"}
+    shared = load(SHARED.format("{redis_url: $REDIS_URL}"), env).gateway.shared_state
+    assert shared is not None and shared.url == "redis://:pw@127.0.0.1:6379/0" and "pw" not in shared.hint
+    assert load(SHARED.format("{redis_url: 'redis://127.0.0.1:1/0'}")).gateway.shared_state.namespace == "sidestep"
+    assert load(SHARED.format("null")).gateway.shared_state is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{redis_url: 'http://127.0.0.1:6379'}", "shared_state.redis_url: 'http://127.0.0.1:6379' must be a redis://"),
+    ("{redis_url: 'redis://:secretpw@h:1/zero'}", "the database after the host must be a number"),
+    ("{redis_url: 'redis://127.0.0.1:99999/0'}", "shared_state.redis_url: 'redis://127.0.0.1:99999/0' is not a valid URL"),
+    ("{redis_url: 'redis:///0'}", "names no host"),
+    ("{redis_url: $NO_SUCH_VAR}", "shared_state.redis_url: environment variable NO_SUCH_VAR is not set"),
+    ("{redis_url: 'redis://h:1/0', namespace: 'a b'}", "shared_state.namespace"),
+    ("{redis_url: 'redis://h:1/0', ttl: 3}", "shared_state.ttl"),
+    ("{}", "shared_state.redis_url"),
+])
+def test_shared_state_errors(value: str, message: str) -> None:
+    found = errors(SHARED.format(value), {})
+    assert any(message in e for e in found), found
+    assert not any("secretpw" in e for e in found)  # a password in the URL is never repeated

@@ -256,3 +256,27 @@ model_providers:
             coord.response_complete(plan.state)
         blocked = coord.table.until(plan.target, clock.now) > clock.now
         assert blocked is (measure == "total"), measure
+
+
+# ---- the Redis form of facts (controlplane.state.redis_store)
+
+
+def test_redis_scores_are_when_a_fact_stops_mattering() -> None:
+    from controlplane.state.redis_store import RETIRED_TTL, expires
+
+    offset, now = 1000.0, 1050.0  # Unix = monotonic + 1000
+    assert expires(Block(BlockScope.MODEL, "m", 60.0, "r"), now, offset) == 1060.0
+    assert expires(SlowResponse("id", BlockScope.MODEL, "m", 40.0, 1.5, RULE), now, offset) == 1050.0  # at + window
+    assert expires(KeyState("p", "k", "h", 80.0, False, 429), now, offset) == 1080.0
+    assert expires(KeyState("p", "k", "h", 0.0, True, 401), now, offset) == now + RETIRED_TTL
+
+
+def test_redis_never_holds_a_key_or_its_hint() -> None:
+    from controlplane.state.redis_store import stored
+
+    state = KeyState("p/pooled", "3f2a9c0d11e4b5a6", "sk-p…a0", 0.0, True, 401)
+    message = stored(state, 0.0)
+    assert message.key.key_id == "3f2a9c0d11e4b5a6" and message.key.hint == "" and message.key.unauthorized
+    assert b"sk-p" not in message.SerializeToString()
+    block = Block(BlockScope.PROVIDER, "p", 10.0, "retry_after 429")
+    assert from_proto(stored(block, 5.0), 5.0) == block
