@@ -15,6 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from controlplane import containers
 from controlplane.config import LoadedConfig, load_config, parse_config
 from controlplane.config.schema import SidestepConfig
 from controlplane.errors import ConfigError, ConfigIssue, SidestepError, StackError
@@ -55,23 +58,31 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="validate a config and start the gateway (restarts it if running)")
     up.add_argument("config", nargs="?", help="config file (default ./sidestep.yaml, else built-in defaults)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the gateway")
+    up.add_argument("--listen", metavar="ADDRESS:PORT", type=_address_port,
+                    help="serve on this address and port instead of the config's model listener "
+                         "(e.g. 0.0.0.0:12000 inside a container)")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for /healthz (default 30)")
     up.add_argument("--workers", type=int, help="ext_proc worker processes (default $SIDESTEP_WORKERS, "
                                                 "else one per two cores)")
-    up.add_argument("--docker", action="store_true", help="run in containers (not available yet)")
+    _docker_options(up)
+    up.add_argument("--image", default=os.environ.get("SIDESTEP_IMAGE", containers.DEFAULT_IMAGE),
+                    help=f"with --docker: the image (default $SIDESTEP_IMAGE, else {containers.DEFAULT_IMAGE})")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop the gateway (safe to run when it is not running)")
+    _docker_options(down)
     down.set_defaults(func=cmd_down)
 
     status = sub.add_parser("status", help="is the gateway running, where, and how healthy")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _docker_options(status)
     status.set_defaults(func=cmd_status)
 
     logs = sub.add_parser("logs", help="show the gateway's logs")
     logs.add_argument("component", nargs="?", choices=LOG_NAMES, help="one log (default: all but access)")
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines from the end (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    _docker_options(logs)
     logs.set_defaults(func=cmd_logs)
 
     validate = sub.add_parser("validate", help="check a config file: errors with field paths, warnings")
@@ -87,19 +98,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _docker_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--docker", action="store_true",
+                         help="the gateway in a container (Docker SDK; $DOCKER_HOST or the default socket)")
+    command.add_argument("--name", default=containers.DEFAULT_NAME,
+                         help=f"with --docker: the container's name (default {containers.DEFAULT_NAME})")
+
+
 # ---- commands
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Check that the new config can start before touching a running stack; if the new stack still
     fails to come up, bring the previous one back and say exactly what failed."""
-    if args.docker:
-        raise StackError("--docker is not available yet: run `sidestep up` for local processes")
     private_umask()
     rundir = RunDir(args.home)
     source, text = _read_config(args.config)
     loaded = parse_config(text, source=source)
+    if args.listen:  # on the file that just validated: its YAML is known to be sane
+        text = _with_listener(text, *args.listen)
+        loaded = parse_config(text, source=source)
     _print_warnings(loaded)
+    if args.docker:
+        return _up_docker(args, loaded, source, text)
     workers, concurrency = _workers(args.workers), _envoy_concurrency()  # bad values fail before a restart
     running = rundir.read_stack() if rundir.supervisor_pid() is not None else None
     listener = loaded.gateway.listener
@@ -151,10 +172,8 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
     if not listener.repair_streams:
         sockets = Sockets(sockets.admin, sockets.extproc)
     bootstrap = render_envoy(gateway, sockets, str(rundir.logs))
-    host = "127.0.0.1" if listener.address in ("0.0.0.0", "::") else listener.address
-    host = f"[{host}]" if ":" in host else host
     stack = StackInfo(
-        config_source=source, listener_url=f"http://{host}:{listener.port}", listener_address=listener.address,
+        config_source=source, listener_url=_listener_url(listener.address, listener.port), listener_address=listener.address,
         listener_port=listener.port, admin_socket=sockets.admin, state_socket=str(rundir.socket("state")),
         extproc_sockets=list(sockets.extproc), config_hash=bootstrap["node"]["metadata"]["config_hash"],
         models=list(gateway.targets),
@@ -165,6 +184,35 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
         shared_state=gateway.shared_state.hint if gateway.shared_state else "",
     )
     return stack, bootstrap
+
+
+def _address_port(value: str) -> tuple[str, int]:
+    address, _, port = value.rpartition(":")
+    if not address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r}: use ADDRESS:PORT, e.g. 127.0.0.1:12000 or 0.0.0.0:12000")
+    return address.strip("[]"), int(port)
+
+
+def _with_listener(text: str, address: str, port: int) -> str:
+    """The config with its model listener moved (`up --listen`); the stack runs this text. The
+    listener is then validated like any other (a public address still needs gateway_keys)."""
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        return text  # parse_config reports it
+    listeners = raw.get("listeners")
+    if not isinstance(listeners, list) or not listeners:
+        listeners = raw["listeners"] = [{"type": "model"}]
+    model = next((x for x in listeners if isinstance(x, dict) and x.get("type", "model") == "model"), None)
+    if model is None:
+        return text
+    model["address"], model["port"] = address, port
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _listener_url(address: str, port: int) -> str:
+    """Where this machine reaches the listener."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _validate_with_envoy(rundir: RunDir, bootstrap: dict[str, Any]) -> None:
@@ -201,7 +249,24 @@ def _start(rundir: RunDir, stack: StackInfo, timeout: float, *, fresh_logs: bool
     _wait_healthy(rundir, stack, process, timeout)
 
 
+def _up_docker(args: argparse.Namespace, loaded: LoadedConfig, source: str, text: str) -> int:
+    listener = loaded.gateway.listener
+    url = _listener_url(listener.address, listener.port)
+    workers = _workers(args.workers) if args.workers is not None else None
+    containers.up(text, source, url, image=args.image, name=args.name, workers=workers, timeout=args.timeout,
+                  check_port=lambda: _check_port_free(listener.address, listener.port))
+    print(f"sidestep is up on {url} in container {args.name} ({args.image}; {len(loaded.gateway.targets)} models)")
+    print(f"  config: {source} (copied into the container)")
+    print("  logs:   sidestep logs --docker")
+    print("  stop:   sidestep down --docker")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    if args.docker:
+        print(f"container {args.name} stopped and removed" if containers.down(args.name)
+              else f"no sidestep container named {args.name}")
+        return 0
     rundir = RunDir(args.home)
     if rundir.supervisor_pid() is None:
         print("sidestep is not running")
@@ -212,6 +277,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.docker:
+        return containers.status(args.name, args.json)
     rundir = RunDir(args.home)
     report = collect_status(rundir)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
@@ -219,6 +286,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    if args.docker:
+        containers.logs(args.name, args.component, args.lines, args.follow)
+        return 0
     rundir = RunDir(args.home)
     names = [args.component] if args.component else [n for n in LOG_NAMES if n != "access"]
     paths = [rundir.log(n) for n in names if rundir.log(n).exists()]

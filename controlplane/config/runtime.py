@@ -6,8 +6,10 @@ only reads it, and a reload swaps the whole object. Nothing here does I/O or imp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -306,7 +308,7 @@ class Gateway:
 
 
 def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: bool = True) -> Gateway:
-    """Compile a validated config. `local`: `host.docker.internal` means this machine.
+    """Compile a validated config. `local`: `host.docker.internal` is resolved here (`host_docker_internal`).
 
     The config must have passed `validate_config` (env vars set, names unique); this step
     does not re-check.
@@ -360,8 +362,8 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     shared = None
     if config.shared_state is not None:
         url = expand_env(config.shared_state.redis_url, env)
-        if local:
-            url = url.replace("@host.docker.internal", "@127.0.0.1").replace("//host.docker.internal", "//127.0.0.1")
+        if local and urlsplit(url).hostname == "host.docker.internal":
+            url = url.replace("host.docker.internal", host_docker_internal(), 1)
         shared = SharedStore(url=url, namespace=config.shared_state.namespace, hint=mask_url(url))
     return Gateway(listener=listener, targets=targets, names=names, default=default, client_keys=client_keys,
                    shared_state=shared)
@@ -370,6 +372,18 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
 def key_digest(secret: bytes) -> bytes:
     """What a gateway key is looked up by (see `Gateway.client_keys`): the SHA-256 of its bytes."""
     return hashlib.sha256(secret).digest()
+
+
+@functools.cache
+def host_docker_internal() -> str:
+    """What `host.docker.internal` (in Plano files written for Docker) means where sidestep runs:
+    the address this machine resolves it to (inside a container started with
+    `extra_hosts: host.docker.internal:host-gateway`, or with Docker Desktop), else this machine
+    itself. Resolved once, here, so Envoy is given an address."""
+    try:
+        return socket.gethostbyname("host.docker.internal")
+    except OSError:
+        return "127.0.0.1"
 
 
 def listener_ip(address: str) -> str:
@@ -400,7 +414,7 @@ def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], 
     tls = url.scheme == "https"
     host = url.hostname or ""
     if local and host == "host.docker.internal":
-        host = "127.0.0.1"
+        host = host_docker_internal()
     port = url.port or (443 if tls else 80)
     default_port = (tls and port == 443) or (not tls and port == 80)
     authority = entry.http_host or (host if default_port else f"{host}:{port}")

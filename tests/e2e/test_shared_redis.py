@@ -156,20 +156,22 @@ def test_redis_killed_and_restarted_under_load(gateways: list[Stack], providers,
     with ThreadPoolExecutor(4) as pool:
         for stack in (a, b, a, b):
             pool.submit(load, stack)
-        time.sleep(0.5)
-        redis_server.kill()
-        wait_for(lambda: store(a).state == "unreachable" and store(b).state == "unreachable",
-                 "both gateways to notice Redis is gone", timeout=10)
-        # learned while Redis is down: A blocks a model B has never called
-        providers["a"].script(Reply(429, retry_after="120"), Reply(200))
-        assert ask(a, "a/during-outage").headers["x-sidestep-model"] == "b/fallback"
-        time.sleep(1.0)
-        assert not blocked(b, "a/during-outage")  # no path between them now
-        redis_server.start()  # empty: it lost everything
-        wait_for(lambda: store(a).state == "connected" and store(b).state == "connected",
-                 "both gateways to reconnect", timeout=10)
-        time.sleep(0.5)
-        stop.set()
+        try:
+            time.sleep(0.5)
+            redis_server.kill()
+            wait_for(lambda: store(a).state == "unreachable" and store(b).state == "unreachable",
+                     "both gateways to notice Redis is gone", timeout=10)
+            # learned while Redis is down: A blocks a model B has never called
+            providers["a"].script(Reply(429, retry_after="120"), Reply(200))
+            assert ask(a, "a/during-outage").headers["x-sidestep-model"] == "b/fallback"
+            time.sleep(1.0)
+            assert not blocked(b, "a/during-outage")  # no path between them now
+            redis_server.start()  # empty: it lost everything
+            wait_for(lambda: store(a).state == "connected" and store(b).state == "connected",
+                     "both gateways to reconnect", timeout=10)
+            time.sleep(0.5)
+        finally:
+            stop.set()  # the load threads end, whatever failed
     assert outcomes and set(outcomes) == {200}, {o for o in outcomes if o != 200}
     wait_for(lambda: blocked(b, "a/during-outage"), "B to learn the block A learned during the outage")
     # and the rebuilt Redis carries what both knew before (A's earlier block, re-published on resync)
