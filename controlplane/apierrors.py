@@ -90,6 +90,7 @@ class ApiError:
     retry_after: int | None = None  # seconds; sent as Retry-After
     details: Mapping[str, Any] = field(default_factory=dict)
     retryable: bool = False  # may the client's SDK retry it? (x-should-retry; see Replies.error)
+    ledger: str = "none"  # what was tried (`extproc.policy.ledger`), sent as x-sidestep-ledger
 
     def body(self, api: Api = Api.OPENAI) -> bytes:
         return json.dumps(self.payload(api), separators=(",", ":")).encode()

@@ -12,6 +12,7 @@ UPSTREAM_DETAILS_HEADER = "x-sidestep-upstream"
 # Response headers every client sees.
 ATTEMPTS_HEADER = "x-sidestep-attempts"
 MODEL_HEADER = "x-sidestep-model"
+LEDGER_HEADER = "x-sidestep-ledger"  # every attempt: target, status or error class, time, wait, key hint
 WORKER_HEADER = "x-sidestep-worker"  # which ext_proc worker handled the request (its logs tell more)
 # Read by the openai and anthropic SDKs: "false" stops their own retries of an error sidestep already
 # retried (or decided not to), which would otherwise run the whole failover two more times.

@@ -251,7 +251,7 @@ class Coordinator:
         if isinstance(first, GiveUp):
             return exhausted(state, first)
         if isinstance(first, Retry):  # everything is blocked for a moment: wait for the first to free up
-            state.next_target, state.not_before = first.target, now + first.wait
+            state.next_target, state.not_before, state.wait_why = first.target, now + first.wait, first.why
         else:
             state.next_target = first
         self.requests[request_id] = state
@@ -333,8 +333,9 @@ class Coordinator:
         start = max(now, state.not_before)
         # the first usable key; should none be left (it rested during the wait), the first one
         key = (self.table.usable_key(target, start) or 0) if target.pooled else 0
-        state.attempts.append(Attempt(target=target, started=start, key=key))
         module = direction(state.endpoint.api, target.api) if state.endpoint.translatable else None
+        state.attempts.append(Attempt(target=target, started=start, key=key, waited=start - now,
+                                      wait_why=state.wait_why if start > now else "", translated=module is not None))
         if module is not None:
             try:
                 translated = self._translated(state, target)
@@ -355,7 +356,7 @@ class Coordinator:
     def _decide(self, request_id: str, state: RequestState, outcome: Outcome, now: float) -> Decision:
         attempt = state.current
         assert attempt is not None
-        attempt.outcome = outcome
+        attempt.outcome, attempt.ended = outcome, now
         decision, effects = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
                                          table=self.table, pacer=self.pacer, rng=self.rng,
                                          eligible=self._eligible(state))
@@ -363,7 +364,7 @@ class Coordinator:
         if isinstance(decision, Retry):
             attempt.retried_by = decision.rule
             state.next_target = decision.target
-            state.not_before = now + decision.wait
+            state.not_before, state.wait_why = now + decision.wait, decision.why
             log.info("retry request=%s attempt=%d model=%s key=%s outcome=%s status=%d -> model=%s wait=%.3fs "
                      "rule=%s", request_id, state.attempt_number, attempt.target.key, _hint(attempt), outcome.error_type,
                      outcome.status, decision.target.key, decision.wait, decision.rule)

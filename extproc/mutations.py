@@ -21,6 +21,8 @@ from controlplane import internalapi as api
 from controlplane.apierrors import Api, ApiError
 from controlplane.config.runtime import ClientKey, Gateway, Target
 from extproc.auth import Credentials
+from extproc.policy.ledger import ledger
+from extproc.policy.state import RequestState
 
 __all__ = ["Body", "Replies"]
 
@@ -103,20 +105,26 @@ class Replies:
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
 
-    def delivered(self, target: Target, attempts: int, *, body: Body = Body.PASS,
-                  no_retry: bool = False, length: int | None = None,
-                  continued: str | None = None) -> pb.ProcessingResponse:
-        """Response-headers reply for a response the client gets: which model, after how many attempts.
+    def delivered(self, state: RequestState, *, body: Body = Body.PASS, no_retry: bool = False,
+                  length: int | None = None, continued: str | None = None) -> pb.ProcessingResponse:
+        """Response-headers reply for the response of `state`'s current attempt, which the client
+        gets: which model, after how many attempts, and the attempt ledger.
 
         `body`: what happens to the response body (`Body`). `no_retry`: an error the policy decided
         not to retry, marked so the client's SDK does not run the whole failover again. `length`: a
         body translated whole before the headers leave (the held filter): its JSON and length."""
+        assert state.current is not None
+        reply = pb.ProcessingResponse()
+        reply.CopyFrom(self._delivered_reply(state.current.target, state.attempt_number, body, no_retry, continued))
+        sets = reply.response_headers.response.header_mutation.set_headers
+        sets.append(header(api.LEDGER_HEADER, ledger(state)))
         if length is not None:
-            reply = pb.ProcessingResponse()
-            reply.CopyFrom(self.delivered(target, attempts, no_retry=no_retry))
-            reply.response_headers.response.header_mutation.set_headers.extend(
-                [header("content-type", "application/json"), header("content-length", str(length))])
-            return reply
+            sets.extend([header("content-type", "application/json"), header("content-length", str(length))])
+        return reply
+
+    def _delivered_reply(self, target: Target, attempts: int, body: Body, no_retry: bool,
+                         continued: str | None) -> pb.ProcessingResponse:
+        """What `delivered` sends but the ledger: built once per kind of answer."""
         key = (target.key, attempts, body, no_retry, continued)
         reply = self._delivered.get(key)
         if reply is None:
@@ -139,11 +147,12 @@ class Replies:
                 self._delivered[key] = reply
         return reply
 
-    def delivered_body(self, target: Target, attempts: int, *, no_retry: bool,
-                       body: bytes | None) -> pb.ProcessingResponse:
+    def delivered_body(self, state: RequestState, *, no_retry: bool, body: bytes | None) -> pb.ProcessingResponse:
         """`delivered`, as the reply to a buffered body (its headers are still held): which model,
         how many attempts, and `body` (JSON) in place of the provider's when set."""
-        sets = [header(api.ATTEMPTS_HEADER, str(attempts)), header(api.MODEL_HEADER, target.key), self.worker]
+        assert state.current is not None
+        sets = [header(api.ATTEMPTS_HEADER, str(state.attempt_number)), header(api.MODEL_HEADER, state.current.target.key),
+                self.worker, header(api.LEDGER_HEADER, ledger(state))]
         if no_retry:
             sets.append(_NO_RETRY)
         common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
@@ -184,7 +193,8 @@ class Replies:
         """A final JSON error in the caller's API shape; from an upstream filter it is never retried.
         Unless retrying could help (`error.retryable`), it tells the client's SDK not to retry: sidestep
         already did whatever retrying the policy allows."""
-        sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts)), self.worker]
+        sets = [header("content-type", "application/json"), header(api.ATTEMPTS_HEADER, str(attempts)), self.worker,
+                header(api.LEDGER_HEADER, error.ledger)]
         if not error.retryable:
             sets.append(_NO_RETRY)
         if error.retry_after is not None:

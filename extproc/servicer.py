@@ -216,7 +216,7 @@ class AttemptProcessor:
         elif read_first:  # an error delivered as the provider said it (translated into the client's API)
             out = self._translate_whole(plan, status, body) if plan.translation is not None else None
             no_retry = plan.state.policy is not None
-            await self.context.write(self.replies.delivered_body(plan.target, attempts, no_retry=no_retry, body=out))
+            await self.context.write(self.replies.delivered_body(plan.state, no_retry=no_retry, body=out))
         else:
             await self._deliver(plan, headers, status, content_type, decision.until_last_byte)
 
@@ -225,13 +225,12 @@ class AttemptProcessor:
         """Hand the provider's response to the client: as it is (Envoy streams it), followed to its last
         byte, or translated into the client's API."""
         state = plan.state
-        attempts = state.attempt_number
         # an error the policy chose not to retry: the client's SDK must not retry it either
         no_retry = status >= 400 and state.policy is not None
         translation = plan.translation
         if translation is None or headers.end_of_stream:
             follow = until_last_byte and not headers.end_of_stream
-            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+            await self.context.write(self.replies.delivered(plan.state, no_retry=no_retry,
                                                             body=Body.FOLLOW if follow else Body.PASS))
             if follow:
                 await self._follow_to_last_byte(plan)
@@ -239,10 +238,10 @@ class AttemptProcessor:
                 self.coordinator.response_complete(state)
             return
         if status < 400 and content_type.startswith("text/event-stream"):
-            await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM))
+            await self.context.write(self.replies.delivered(plan.state, body=Body.TRANSLATE_STREAM))
             await self._translate_stream(plan, self._chunks(), until_last_byte)
             return
-        await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+        await self.context.write(self.replies.delivered(plan.state, no_retry=no_retry,
                                                         body=Body.TRANSLATE_WHOLE))
         whole = await self._body()
         if whole is None:
@@ -317,14 +316,13 @@ class AttemptProcessor:
     async def _deliver_held(self, plan: AttemptPlan, status: int, pending: list[tuple[bytes, bool]], ended: bool,
                             inbox: _Inbox, until_last_byte: bool) -> None:
         state = plan.state
-        attempts = state.attempt_number
         no_retry = status >= 400 and state.policy is not None
         translation = plan.translation
         if translation is not None and ended and not (status < 400 and len(pending) > 1):
             # a whole body (an error, or JSON where a stream was asked for): translate it at once
             whole = b"".join(c for c, _ in pending)
             out = self._translate_whole(plan, status, whole)
-            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+            await self.context.write(self.replies.delivered(plan.state, no_retry=no_retry,
                                                             length=len(out)))
             for index, _ in enumerate(pending):
                 await self.context.write(Replies.chunk(out if index == 0 else b""))
@@ -332,7 +330,7 @@ class AttemptProcessor:
                 self.coordinator.response_complete(state)
             return
         if translation is None:
-            await self.context.write(self.replies.delivered(plan.target, attempts, no_retry=no_retry,
+            await self.context.write(self.replies.delivered(plan.state, no_retry=no_retry,
                                                             continued=plan.continued))
             for _ in pending:
                 await self.context.write(Replies.CONTINUE_BODY)
@@ -341,7 +339,7 @@ class AttemptProcessor:
             elif until_last_byte:
                 self.coordinator.response_complete(state)
             return  # the rest of the stream flows through Envoy; closing our side lets it
-        await self.context.write(self.replies.delivered(plan.target, attempts, body=Body.TRANSLATE_STREAM,
+        await self.context.write(self.replies.delivered(plan.state, body=Body.TRANSLATE_STREAM,
                                                         continued=plan.continued))
         await self._translate_stream(plan, inbox.chunks(pending), until_last_byte)
 

@@ -53,6 +53,7 @@ ACCESS_LOG_FORMAT = {
     "flags": "%RESPONSE_FLAGS%",
     "attempts": "%RESP(X-SIDESTEP-ATTEMPTS)%",
     "model": "%RESP(X-SIDESTEP-MODEL)%",
+    "ledger": "%RESP(X-SIDESTEP-LEDGER)%",
     "duration_ms": "%DURATION%",
     "ttfb_ms": "%RESPONSE_DURATION%",
     "bytes_in": "%BYTES_RECEIVED%",

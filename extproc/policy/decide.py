@@ -40,6 +40,8 @@ class Retry:
     target: Target
     wait: float  # seconds before the attempt starts
     rule: str  # label of the failure class that retried
+    why: str = ""  # what the wait is for: "blocked" (Retry-After, a latency block, resting keys), "backoff",
+    #               either with "+paced" (behind other requests retrying the same target); "" without a wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,7 @@ def first_target(primary: Target, order: Sequence[Target], table: StateTable, no
             return candidate
     until, soonest = min(((table.until(t, now), t) for t in everything), key=lambda pair: pair[0])
     if limit is not None and until <= limit and until - now <= primary.policy.retry_after.max_retry_after_seconds:
-        return Retry(soonest, until - now, "blocked")  # everything is blocked, but not for longer than we may wait
+        return Retry(soonest, until - now, "blocked", "blocked")  # everything is blocked, but not for longer than we may wait
     remaining = until - now
     if remaining == FOREVER:
         return GiveUp(502, "keys_unauthorized")
@@ -183,16 +185,21 @@ def _decide(state: RequestState, outcome: Outcome, order: Sequence[Target], now:
             return give_up("no_candidates")
         chosen = soonest
     wait = max(0.0, blocked_until(chosen) - now)
+    why = "blocked" if wait > 0 else ""
     if policy.backoff is not None and _backoff_applies(policy.backoff.apply_to, failed, chosen):
-        wait = max(wait, backoff_delay(policy.backoff, state.attempt_number, rng))
+        backoff = backoff_delay(policy.backoff, state.attempt_number, rng)
+        if backoff > wait:
+            wait, why = backoff, "backoff"
     if wait > 0:  # a delayed retry: take its turn behind the other requests retrying this target
-        wait += pacer.delay(chosen.key, now + wait)
+        paced = pacer.delay(chosen.key, now + wait)
+        if paced > 0:
+            wait, why = wait + paced, why + "+paced"
     limit = state.limit(policy.max_retry_duration)
     if limit is not None and now + wait > limit:  # a wait that cannot end in time is not started
         return give_up("deadline" if limit == state.deadline else "budget")
     if wait > 0:
         view.effects.pacing = PacingSlot(chosen.key, now + wait, Pacer.gap(policy.backoff or PACING, rng))
-    return Retry(chosen, wait, rule.label)
+    return Retry(chosen, wait, rule.label, why)
 
 
 def _key_state(target: Target, index: int, outcome: Outcome, now: float) -> KeyState:

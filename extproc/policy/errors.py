@@ -7,6 +7,7 @@ from typing import Any
 
 from controlplane.apierrors import ApiError
 from extproc.policy.decide import GiveUp
+from extproc.policy.ledger import ledger
 from extproc.policy.state import RequestState
 
 __all__ = ["exhausted"]
@@ -53,4 +54,4 @@ def exhausted(state: RequestState, give_up: GiveUp) -> ApiError:
         details["provider_error"] = {"status": attempts[-1]["status"], **said.as_dict()}
     if give_up.retry_after is not None:
         details["retry_after"] = give_up.retry_after
-    return ApiError(give_up.status, "retry_exhausted", message, give_up.retry_after, details)
+    return ApiError(give_up.status, "retry_exhausted", message, give_up.retry_after, details, ledger=ledger(state))

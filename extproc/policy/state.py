@@ -25,6 +25,10 @@ class Attempt:
     outcome: Outcome | None = None  # None until its response (or reset) is seen
     retried_by: str | None = None  # label of the rule that retried after it
     error: ProviderError | None = None  # what the provider said, when it answered with an error body
+    ended: float | None = None  # monotonic, when its response headers (or its failure) were seen
+    waited: float = 0.0  # seconds it waited before it was sent
+    wait_why: str = ""  # why (see `Retry.why`)
+    translated: bool = False  # sent in another API than the client's
 
 
 @dataclass(slots=True)
@@ -41,6 +45,7 @@ class RequestState:
     parsed: Any = None  # `body` as JSON, once a translation needed it
     refused: dict[Any, str] = field(default_factory=dict)  # API → why the body cannot be translated to it ("" : it can)
     not_before: float = 0.0  # the next attempt waits until then (backoff, Retry-After)
+    wait_why: str = ""  # why it waits (`Retry.why`)
     deadline: float | None = None  # monotonic: when the client gives up (its SDK's timeout), if it said
     continuation: str | None = None  # the stream relay's: the text the client has of a broken answer
     attempts: list[Attempt] = field(default_factory=list)

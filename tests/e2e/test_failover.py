@@ -124,6 +124,38 @@ def test_429_fails_over_to_fallback(stack: Stack, providers) -> None:
     assert seen.headers["authorization"] == "Bearer sk-b-0123456789abcdef"
 
 
+def test_the_ledger_explains_a_two_attempt_request_in_the_header_and_the_access_log(stack: Stack,
+                                                                                    providers) -> None:
+    providers["a"].script(Reply(429, delay=0.05))
+    providers["b"].script(Reply(200, delay=0.1))
+    response = stack.chat({"model": "a/primary", "messages": []})
+    assert response.status_code == 200
+    first, second = response.headers["x-sidestep-ledger"].split(", ")
+    name, *params = first.split(";")
+    assert name == "a/primary" and params[:2] == ["status=429", "error=rate_limited"]
+    assert 50 <= int(params[2].removeprefix("ms=")) < 1000 and params[3] == "key=sk-a..ef"
+    name, *params = second.split(";")
+    assert name == "b/fallback" and params[0] == "status=200" and params[2] == "key=sk-b..ef"
+    assert 100 <= int(params[1].removeprefix("ms=")) < 1000
+    request_id = None
+    deadline = time.monotonic() + 5  # Envoy flushes the access log every second
+    while request_id is None and time.monotonic() < deadline:
+        for line in (stack.home / "logs" / "access.log").read_text().splitlines():
+            entry = json.loads(line)
+            if entry["ledger"] == response.headers["x-sidestep-ledger"]:
+                request_id = entry["request_id"]
+        time.sleep(0.2)
+    assert request_id, "the ledger is not in the access log"
+    # an error carries its ledger too, and a request refused before any attempt says none
+    providers["a"].script(Reply(503))
+    providers["b"].script(Reply(500))
+    providers["c"].script(Reply(502))
+    failed = stack.chat({"model": "a/primary", "messages": []})
+    assert [e.split(";")[0] for e in failed.headers["x-sidestep-ledger"].split(", ")] == \
+        ["a/primary", "b/fallback", "c/third"]
+    assert stack.chat({"model": "nope/none", "messages": []}).headers["x-sidestep-ledger"] == "none"
+
+
 def test_503_fails_over_to_fallback(stack: Stack, providers) -> None:
     providers["a"].script(Reply(503))
     response = stack.chat({"model": "a/primary", "messages": []})
