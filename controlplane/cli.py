@@ -29,7 +29,7 @@ from controlplane.supervisor import envoy_binary
 __all__ = ["main"]
 
 DEFAULT_CONFIG_NAMES = ("sidestep.yaml", "sidestep.yml", "config.yaml")
-LOG_NAMES = ("supervisor", "state", "extproc", "envoy", "access")
+LOG_NAMES = ("supervisor", "state", "extproc", "metrics", "envoy", "access")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +170,7 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
     listener = gateway.listener
     sockets = Sockets.in_dir(str(rundir.sockets), workers)
     if not listener.repair_streams:
-        sockets = Sockets(sockets.admin, sockets.extproc)
+        sockets = Sockets(sockets.admin, sockets.extproc, metrics=sockets.metrics, access_log=sockets.access_log)
     bootstrap = render_envoy(gateway, sockets, str(rundir.logs))
     stack = StackInfo(
         config_source=source, listener_url=_listener_url(listener.address, listener.port), listener_address=listener.address,
@@ -182,6 +182,7 @@ def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
         gateway_keys=[[k.name, k.hint] for k in gateway.client_keys.values()],
         relay_sockets=list(sockets.relay), relayed_socket=sockets.relayed,
         shared_state=gateway.shared_state.hint if gateway.shared_state else "",
+        metrics_socket=sockets.metrics, access_log_socket=sockets.access_log,
     )
     return stack, bootstrap
 

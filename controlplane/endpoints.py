@@ -37,6 +37,13 @@ class Endpoint:
     def fails_over(self) -> bool:
         return self.body == "json"
 
+    @property
+    def route(self) -> str:
+        """A name for metrics: the path, `{id}` for an id (`/v1/files/{id}(/content)?`)."""
+        if not self.pattern:
+            return self.path
+        return self.path.strip("^$").replace(_ID, "{id}").replace("[A-Za-z0-9_.:/-]+", "{id}")
+
 
 _ID = "[A-Za-z0-9_.:-]+"
 ENDPOINTS: tuple[Endpoint, ...] = (

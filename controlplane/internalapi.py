@@ -36,6 +36,7 @@ MODELS_PATH = "/v1/models"  # GET; answered by sidestep itself (only the models 
 # after a dead ext_proc reads it to tell "may have reached a provider" from "was not sent".
 METADATA_NAMESPACE = "sidestep"
 SENT_METADATA = "sent"
+CLIENT_METADATA = "client"  # the gateway key's name, for the metrics (requests per key)
 # Set by Envoy's json_to_metadata from a request's `"stream"`: streamed answers take the attempts
 # clusters whose ext_proc holds the response until its commit point.
 STREAM_METADATA = "stream"
@@ -50,6 +51,15 @@ CONTINUED_HEADER = "x-sidestep-continued"
 NO_REPAIR_HEADER = "x-sidestep-no-repair"  # on an answer whose provider opted out of stream repair
 WORKER_ROUTE_HEADER = "x-sidestep-relay-worker"
 RELAYED_LISTENER = "sidestep_relayed"
+
+
+# Metrics: Envoy streams every request's access-log entry to the metrics service (ALS_CLUSTER) and
+# routes GET METRICS_PATH to it (METRICS_CLUSTER); log names tell the client's requests from the relay's.
+METRICS_PATH = "/metrics"
+ALS_CLUSTER = "sidestep_access_log"
+METRICS_CLUSTER = "sidestep_metrics"
+MODEL_LOG = "model"
+RELAYED_LOG = "relayed"
 
 
 def relay_cluster(worker: int) -> str:

@@ -52,6 +52,8 @@ class StackInfo:
     relay_sockets: list[str] = field(default_factory=list)  # each worker's stream relay (repair_streams)
     relayed_socket: str = ""  # the Envoy listener the relays send to
     shared_state: str = ""  # the Redis shared with other gateways (password masked); "" without one
+    metrics_socket: str = ""  # the metrics service: GET /metrics …
+    access_log_socket: str = ""  # … and Envoy's access-log entries
 
 
 def private_umask() -> None:

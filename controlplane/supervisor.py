@@ -94,6 +94,8 @@ class Supervisor:
                                        if stack.relay_sockets else [])],
                     rundir.log("extproc"))
               for w, path in enumerate(stack.extproc_sockets)),
+            *([Child("metrics", [python, "-m", "controlplane.metrics", "--home", str(rundir.home)],
+                     rundir.log("metrics"))] if stack.metrics_socket else []),
             Child("envoy", [envoy_binary(), "-c", str(rundir.envoy_config), "--disable-hot-restart",
                             "--concurrency", str(stack.envoy_concurrency), "-l", "warning",
                             "--file-flush-interval-msec", "1000"], rundir.log("envoy")),

@@ -232,7 +232,8 @@ class Coordinator:
         state = RequestState(primary=primary, started=now, client_path=request.path,
                              client_credentials=request.credentials, next_target=primary, endpoint=endpoint,
                              body=body, model=field, pinned=endpoint.body == "json" and _refers_to_stored(body),
-                             deadline=now + request.timeout if request.timeout else None)
+                             deadline=now + request.timeout if request.timeout else None,
+                             client=request.client.name if request.client is not None else "")
         untranslatable = self._check_translatable(state, primary)
         if untranslatable is not None:
             return untranslatable

@@ -83,11 +83,13 @@ class Replies:
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
         }
         self._model_lists: dict[str | None, bytes] = {}  # by gateway key name (None: no key)
+        self._sent_by: dict[str, struct_pb2.Struct] = {}  # by gateway key name
 
     def attempt(self, target: Target, key: int, path: str, body: bytes | None,
-                client_credentials: Credentials, attempt_timeout: float | None = None) -> pb.ProcessingResponse:
+                client_credentials: Credentials, attempt_timeout: float | None = None,
+                client: str = "") -> pb.ProcessingResponse:
         """The reply that sends this attempt to `target` with key `key` and `body`: to the request body,
-        or, for a request without one (`body` None), to its headers."""
+        or, for a request without one (`body` None), to its headers. `client`: the gateway key's name."""
         sets, removes = self._static[(target.key, key)]
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
         if target.passthrough_auth:  # restore the client's own credentials, whatever came before
@@ -100,10 +102,20 @@ class Replies:
             mutation.set_headers.append(_INTERNAL)
         if body is None:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=mutation)), dynamic_metadata=_SENT)
+                header_mutation=mutation)), dynamic_metadata=self._sent(client))
         mutation.set_headers.append(header("content-length", str(len(body))))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=_SENT)
+            header_mutation=mutation, body_mutation=pb.BodyMutation(body=body))), dynamic_metadata=self._sent(client))
+
+    def _sent(self, client: str) -> struct_pb2.Struct:
+        """The attempt's dynamic metadata: sent on (see `api.SENT_METADATA`), and by which gateway key."""
+        if not client:
+            return _SENT
+        sent = self._sent_by.get(client)
+        if sent is None:
+            sent = self._sent_by[client] = struct_pb2.Struct()
+            sent.update({api.METADATA_NAMESPACE: {api.SENT_METADATA: "1", api.CLIENT_METADATA: client}})
+        return sent
 
     def delivered(self, state: RequestState, *, body: Body = Body.PASS, no_retry: bool = False,
                   length: int | None = None, continued: str | None = None) -> pb.ProcessingResponse:

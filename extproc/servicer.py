@@ -184,7 +184,8 @@ class AttemptProcessor:
         await self.context.write(self.replies.attempt(plan.target, plan.key, plan.path,
                                                       None if body is None else plan.body,
                                                       plan.state.client_credentials,
-                                                      plan.attempt_timeout if plan.state.deadline else None))
+                                                      plan.attempt_timeout if plan.state.deadline else None,
+                                                      plan.state.client))
         return plan
 
     async def _respond(self, request_id: str, plan: AttemptPlan, headers: pb.HttpHeaders) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,8 @@ class Sockets:
     extproc: tuple[str, ...]  # one per ext_proc worker
     relay: tuple[str, ...] = ()  # each worker's stream relay (repair_streams)
     relayed: str = ""  # the listener the relays send their requests to (repair_streams)
+    metrics: str = ""  # the metrics service: GET /metrics (HTTP) …
+    access_log: str = ""  # … and the access-log entries it counts (gRPC)
 
     @classmethod
     def in_dir(cls, directory: str, workers: int) -> Sockets:
@@ -77,7 +80,8 @@ class Sockets:
         return cls(admin=f"{directory}/admin.sock",
                    extproc=tuple(f"{directory}/extproc-{w}.sock" for w in range(workers)),
                    relay=tuple(f"{directory}/relay-{w}.sock" for w in range(workers)),
-                   relayed=f"{directory}/relayed.sock")
+                   relayed=f"{directory}/relayed.sock", metrics=f"{directory}/metrics.sock",
+                   access_log=f"{directory}/access-log.sock")
 
 
 def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: str | None = None) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
             "typed_config": {"@type": T + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }],
         "static_resources": {
-            "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir),
+            "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir, bool(sockets.metrics)),
                           _dispatch_listener(targets, gateway),
                           *([_relayed_listener(gateway, sockets)] if gateway.listener.repair_streams else [])],
             "clusters": [
@@ -109,6 +113,8 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
                 *((_relay_cluster(w, path) for w, path in enumerate(sockets.relay))
                   if gateway.listener.repair_streams else ()),
                 *(_provider_cluster(u, ca_bundle) for u in gateway.upstreams),
+                *([_pipe_cluster(api.METRICS_CLUSTER, sockets.metrics, http2=False),
+                   _pipe_cluster(api.ALS_CLUSTER, sockets.access_log, http2=True)] if sockets.metrics else []),
             ],
         },
     }
@@ -148,7 +154,7 @@ def _retry_policy(gateway: Gateway) -> dict[str, Any]:
     }
 
 
-def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, Any]:
+def _outer_listener(gateway: Gateway, workers: int, log_dir: str, metrics: bool) -> dict[str, Any]:
     spec = gateway.listener
     retry_policy = _retry_policy(gateway)
     attempts = {**_worker_choice(workers), "timeout": "0s", "retry_policy": retry_policy}
@@ -163,7 +169,8 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "retry_on": "connect-failure", "num_retries": 10,
         "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"}}}
     served = ", ".join(f"{e.method} {e.path.strip('^$')}" for e in ENDPOINTS)
-    unknown = apierrors.not_found(f"sidestep serves {served} and GET {api.HEALTH_PATH}")
+    unknown = apierrors.not_found(f"sidestep serves {served}, GET {api.HEALTH_PATH}"
+                                  + (f" and GET {api.METRICS_PATH}" if metrics else ""))
     virtual_host = {
         "name": "sidestep",
         "domains": ["*"],
@@ -186,6 +193,8 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
             *({"match": {**({"safe_regex": {"regex": e.path}} if e.pattern else {"path": e.path}),
                          "headers": [_method(e.method)]},
                "route": attempts} for e in ENDPOINTS),
+            *([{"match": {"path": api.METRICS_PATH, "headers": [_method("GET")]},
+                "route": {"cluster": api.METRICS_CLUSTER, "timeout": "10s"}}] if metrics else []),
             *(_json_reply(unknown, caller, prefix) for caller, prefix in (
                 (Api.ANTHROPIC, apierrors.ANTHROPIC_PATH), (Api.OPENAI, "/"))),
         ],
@@ -209,7 +218,9 @@ def _outer_listener(gateway: Gateway, workers: int, log_dir: str) -> dict[str, A
         "request_timeout": _dur(spec.request_timeout),
         "request_headers_timeout": _dur(min(REQUEST_HEADERS_TIMEOUT, spec.request_timeout)),
         "local_reply_config": _local_replies(gateway),
-        "access_log": [_file_log(os.path.join(log_dir, "access.log"))],
+        "access_log": [_file_log(os.path.join(log_dir, "access.log")),
+                       *([_grpc_log(api.MODEL_LOG, response_headers=[api.MODEL_HEADER, api.LEDGER_HEADER])]
+                         if metrics else [])],
         "route_config": {"name": "sidestep", "virtual_hosts": [virtual_host]},
         "http_filters": [
             {"name": "envoy.filters.http.health_check", "typed_config": {
@@ -382,6 +393,7 @@ def _relayed_listener(gateway: Gateway, sockets: Sockets) -> dict[str, Any]:
         "stream_idle_timeout": "0s",
         "request_timeout": "0s",
         "local_reply_config": _local_replies(gateway),
+        **({"access_log": [_grpc_log(api.RELAYED_LOG, request_headers=[api.CONTINUE_HEADER])]} if sockets.metrics else {}),
         "route_config": {"name": "relayed", "virtual_hosts": [{
             "name": "relayed", "domains": ["*"], "include_request_attempt_count": True,
             "request_body_buffer_limit": gateway.listener.max_request_body_bytes,
@@ -396,14 +408,7 @@ def _relayed_listener(gateway: Gateway, sockets: Sockets) -> dict[str, Any]:
 
 
 def _relay_cluster(worker: int, path: str) -> dict[str, Any]:
-    name = api.relay_cluster(worker)
-    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
-                "endpoint": {"address": _pipe(path)}}]}]},
-            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http_protocol_options": {}}}},
-            "circuit_breakers": _open_breakers()}
+    return {**_pipe_cluster(api.relay_cluster(worker), path, http2=False), "circuit_breakers": _open_breakers()}
 
 
 def _worker_choice(workers: int, *, held: bool = False) -> dict[str, Any]:
@@ -562,6 +567,33 @@ def _file_log(path: str) -> dict[str, Any]:
             "log_format": {"json_format": ACCESS_LOG_FORMAT},
         },
     }
+
+
+def _grpc_log(name: str, *, request_headers: Sequence[str] = (), response_headers: Sequence[str] = ()) -> dict[str, Any]:
+    """Every request's access-log entry to the metrics service (batched by Envoy; when the service
+    is down, entries are dropped and requests are not affected)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"not_health_check_filter": {}},
+        "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": name, "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": api.ALS_CLUSTER}},
+                              "buffer_flush_interval": "0.2s"},
+            "additional_request_headers_to_log": list(request_headers),
+            "additional_response_headers_to_log": list(response_headers),
+        },
+    }
+
+
+def _pipe_cluster(name: str, path: str, *, http2: bool) -> dict[str, Any]:
+    protocol: dict[str, Any] = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": _pipe(path)}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": protocol}}}
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class RequestState:
     wait_why: str = ""  # why it waits (`Retry.why`)
     deadline: float | None = None  # monotonic: when the client gives up (its SDK's timeout), if it said
     continuation: str | None = None  # the stream relay's: the text the client has of a broken answer
+    client: str = ""  # the name of the gateway key it authenticated with (for metrics)
     attempts: list[Attempt] = field(default_factory=list)
     blocks: Blocks = field(default_factory=Blocks)  # apply_to: request
 

@@ -1,0 +1,5 @@
+import sys
+
+from controlplane.metrics.service import main
+
+sys.exit(main())
