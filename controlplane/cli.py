@@ -6,21 +6,17 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import deque
-from importlib import resources
-from pathlib import Path
-from typing import Any
 
 import yaml
 
-from controlplane import containers
+from controlplane import containers, deploy
 from controlplane.config import LoadedConfig, load_config, parse_config
 from controlplane.config.schema import SidestepConfig
-from controlplane.errors import ConfigError, ConfigIssue, SidestepError, StackError
+from controlplane.errors import ConfigError, SidestepError, StackError
 from controlplane.render.envoy import Sockets, render_envoy
 from controlplane.rundir import RunDir, StackInfo, pid_alive, private_umask, write_private
 from controlplane.status import collect_status, format_status, healthz
@@ -69,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"with --docker: the image (default $SIDESTEP_IMAGE, else {containers.DEFAULT_IMAGE})")
     up.set_defaults(func=cmd_up)
 
+    reload = sub.add_parser("reload", help="apply a changed config to the running gateway; nothing in flight "
+                                           "is dropped, blocks and key states are kept")
+    reload.add_argument("config", nargs="?", help="config file (default: the one the gateway runs, read again)")
+    reload.add_argument("--timeout", type=float, default=15.0,
+                        help="seconds to wait for every worker to take the new config (default 15)")
+    reload.set_defaults(func=cmd_reload)
+
     down = sub.add_parser("down", help="stop the gateway (safe to run when it is not running)")
     _docker_options(down)
     down.set_defaults(func=cmd_down)
@@ -113,7 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     fails to come up, bring the previous one back and say exactly what failed."""
     private_umask()
     rundir = RunDir(args.home)
-    source, text = _read_config(args.config)
+    source, text = deploy.read_config(args.config, DEFAULT_CONFIG_NAMES)
     loaded = parse_config(text, source=source)
     if args.listen:  # on the file that just validated: its YAML is known to be sane
         text = _with_listener(text, *args.listen)
@@ -125,15 +128,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     running = rundir.read_stack() if rundir.supervisor_pid() is not None else None
     listener = loaded.gateway.listener
     if running is None or running.listener_port != listener.port:  # the running stack's port will be free
-        _check_port_free(listener.address, listener.port)
+        deploy.check_port_free(listener.address, listener.port)
     rundir.ensure()
-    stack, bootstrap = _plan_stack(rundir, loaded, str(source), workers, concurrency)
-    _validate_with_envoy(rundir, bootstrap)
+    plan = deploy.plan(rundir, loaded, str(source), workers, concurrency)
+    stack = plan.stack
+    deploy.validate_with_envoy(rundir, plan.envoy, envoy_binary())
     if args.foreground:
         if running is not None:
             print("sidestep is running; stopping it to run in the foreground")
             _stop(rundir)
-        _install(rundir, text, bootstrap, stack)
+        deploy.install(rundir, text, plan)
         print(f"sidestep starting in the foreground on {stack.listener_url} (Ctrl-C stops it)")
         from controlplane.supervisor import main as supervise
 
@@ -142,7 +146,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("sidestep is running; restarting it with the new config")
         rundir.keep_previous()
         _stop(rundir)
-    _install(rundir, text, bootstrap, stack)
+    deploy.install(rundir, text, plan)
     try:
         _start(rundir, stack, args.timeout)
     except StackError as failure:
@@ -162,29 +166,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  logs:   {rundir.logs}  (`sidestep logs`)")
     print("  stop:   sidestep down")
     return 0
-
-
-def _plan_stack(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int,
-                concurrency: int) -> tuple[StackInfo, dict[str, Any]]:
-    gateway = loaded.gateway
-    listener = gateway.listener
-    sockets = Sockets.in_dir(str(rundir.sockets), workers)
-    if not listener.repair_streams:
-        sockets = Sockets(sockets.admin, sockets.extproc, metrics=sockets.metrics, access_log=sockets.access_log)
-    bootstrap = render_envoy(gateway, sockets, str(rundir.logs))
-    stack = StackInfo(
-        config_source=source, listener_url=_listener_url(listener.address, listener.port), listener_address=listener.address,
-        listener_port=listener.port, admin_socket=sockets.admin, state_socket=str(rundir.socket("state")),
-        extproc_sockets=list(sockets.extproc), config_hash=bootstrap["node"]["metadata"]["config_hash"],
-        models=list(gateway.targets),
-        key_pools={t.key: [[k.id, k.hint] for k in t.keys] for t in gateway.targets.values() if t.pooled},
-        envoy_concurrency=concurrency,
-        gateway_keys=[[k.name, k.hint] for k in gateway.client_keys.values()],
-        relay_sockets=list(sockets.relay), relayed_socket=sockets.relayed,
-        shared_state=gateway.shared_state.hint if gateway.shared_state else "",
-        metrics_socket=sockets.metrics, access_log_socket=sockets.access_log,
-    )
-    return stack, bootstrap
 
 
 def _address_port(value: str) -> tuple[str, int]:
@@ -210,33 +191,6 @@ def _with_listener(text: str, address: str, port: int) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def _listener_url(address: str, port: int) -> str:
-    """Where this machine reaches the listener."""
-    host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _validate_with_envoy(rundir: RunDir, bootstrap: dict[str, Any]) -> None:
-    """Envoy's own verdict on the rendered config, before anything running is stopped."""
-    candidate = rundir.run / "envoy.next.json"
-    write_private(candidate, json.dumps(bootstrap, indent=1))
-    try:
-        result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(candidate), "-l", "error",
-                                 "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
-    finally:
-        candidate.unlink(missing_ok=True)
-    if result.returncode != 0:
-        detail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise StackError(f"Envoy rejects the rendered config (nothing was changed):\n{detail}")
-
-
-def _install(rundir: RunDir, text: str, bootstrap: dict[str, Any], stack: StackInfo) -> None:
-    """The files the supervisor runs from."""
-    write_private(rundir.config, text)  # the stack runs this copy; editing the file needs another `up`
-    write_private(rundir.envoy_config, json.dumps(bootstrap, indent=1))
-    rundir.write_stack(stack)
-
-
 def _start(rundir: RunDir, stack: StackInfo, timeout: float, *, fresh_logs: bool = True) -> None:
     """Start the supervisor for the installed stack and wait until it is healthy."""
     rundir.children_file.unlink(missing_ok=True)  # a crashed stack's counts must not judge this one
@@ -252,14 +206,40 @@ def _start(rundir: RunDir, stack: StackInfo, timeout: float, *, fresh_logs: bool
 
 def _up_docker(args: argparse.Namespace, loaded: LoadedConfig, source: str, text: str) -> int:
     listener = loaded.gateway.listener
-    url = _listener_url(listener.address, listener.port)
+    url = deploy.listener_url(listener.address, listener.port)
     workers = _workers(args.workers) if args.workers is not None else None
     containers.up(text, source, url, image=args.image, name=args.name, workers=workers, timeout=args.timeout,
-                  check_port=lambda: _check_port_free(listener.address, listener.port))
+                  check_port=lambda: deploy.check_port_free(listener.address, listener.port))
     print(f"sidestep is up on {url} in container {args.name} ({args.image}; {len(loaded.gateway.targets)} models)")
     print(f"  config: {source} (copied into the container)")
     print("  logs:   sidestep logs --docker")
     print("  stop:   sidestep down --docker")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    private_umask()
+    rundir = RunDir(args.home)
+    pid = rundir.supervisor_pid()
+    if pid is None:
+        raise StackError("sidestep is not running: start it with `sidestep up`")
+    plan, loaded = deploy.reload(rundir, args.config, envoy_binary(), notify=lambda: os.kill(pid, signal.SIGUSR1))
+    _print_warnings(loaded)
+    stack = plan.stack
+    deadline = time.monotonic() + args.timeout
+    while True:
+        report = collect_status(rundir)
+        behind = [w["id"] for w in report["workers"] if w.get("config_hash") != stack.config_hash]
+        if not behind:
+            break
+        if time.monotonic() > deadline:
+            raise StackError(f"Envoy runs the new config, but worker(s) {', '.join(behind)} did not take it within "
+                             f"{args.timeout:.0f}s; see `sidestep logs extproc`")
+        time.sleep(0.1)
+    print(f"sidestep reloaded on {stack.listener_url}: {stack.config_source} (config {stack.config_hash}; "
+          f"{len(stack.models)} models: {', '.join(stack.models)})")
+    print("  requests in flight finish under the previous config; blocks and key states of unchanged "
+          "targets and keys are kept")
     return 0
 
 
@@ -340,17 +320,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 # ---- helpers
 
 
-def _read_config(path: str | None) -> tuple[str, str]:
-    """(where it came from, its text): the given file, ./sidestep.yaml, or the built-in defaults."""
-    candidates = [path] if path else [name for name in DEFAULT_CONFIG_NAMES if Path(name).exists()]
-    if candidates:
-        try:
-            return candidates[0], Path(candidates[0]).read_text()
-        except OSError as exc:
-            raise ConfigError([ConfigIssue("", f"cannot read {candidates[0]}: {exc.strerror}")]) from None
-    return "built-in defaults", (resources.files("controlplane") / "defaults" / "sidestep.yaml").read_text()
-
-
 def _envoy_concurrency() -> int:
     """Envoy worker threads: the cores the ext_proc does not need. On a 2-core machine two Envoy
     workers fighting the Python ext_proc for CPU halved throughput (benchmarks/bench.py)."""
@@ -382,16 +351,6 @@ def _count(variable: str, given: int | None, *, default: int, flag: str | None =
 def _print_warnings(loaded: LoadedConfig) -> None:
     for warning in loaded.warnings:
         _err(f"  ! {warning}")
-
-
-def _check_port_free(address: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-        except OSError as exc:
-            raise StackError(f"cannot listen on {address}:{port}: {exc.strerror}. Is another gateway "
-                             f"running? Change listeners[].port or stop it.") from None
 
 
 def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[bytes], timeout: float) -> None:

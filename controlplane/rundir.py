@@ -1,7 +1,11 @@
 """Where a running stack keeps its files: `$SIDESTEP_HOME` (default `~/.sidestep`).
 
-    run/config.yaml      the config the stack runs (a copy: editing your file does nothing until `up`)
-    run/envoy.json       Envoy's rendered bootstrap
+    run/config.yaml      the config the stack runs (a copy: editing your file does nothing until
+                         `up` or `reload`)
+    run/compiled.pickle  that config compiled (`controlplane.compiled`): what the workers and the
+                         state service load; its content hash is the stack's config hash
+    run/envoy.json       Envoy's bootstrap: admin, and where its listeners and clusters come from …
+    run/xds/{lds,cds}.json  … these files (file-based xDS): `reload` replaces them, Envoy follows
     run/stack.json       sockets, listener, config hash; written by `up`
     run/children.json    the supervisor's view of its children (pids, restarts, last exit)
     run/supervisor.pid
@@ -31,7 +35,7 @@ from controlplane.errors import StackError
 
 __all__ = ["RunDir", "StackInfo", "free_port", "pid_alive", "private_umask", "write_private"]
 
-PREVIOUS_FILES = ("config.yaml", "envoy.json", "stack.json")
+PREVIOUS_FILES = ("config.yaml", "compiled.pickle", "envoy.json", "xds/lds.json", "xds/cds.json", "stack.json")
 _SUN_PATH_MAX = 100  # a Unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux)
 
 
@@ -61,12 +65,12 @@ def private_umask() -> None:
     os.umask(0o077)
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically, readable by this user only from the first byte."""
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` atomically, readable by this user only from the first byte."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
     tmp.replace(path)
 
 
@@ -79,7 +83,7 @@ class RunDir:
 
     def ensure(self) -> RunDir:
         """Create (or tighten) the home, run and log directories: 0700."""
-        for directory in (self.home, self.run, self.logs, self.previous):
+        for directory in (self.home, self.run, self.logs, self.previous, self.run / "xds"):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
         if self.sockets != self.run:
@@ -110,6 +114,7 @@ class RunDir:
         """Remember the running stack's files, to bring it back should its replacement fail."""
         for name in PREVIOUS_FILES:
             if (self.run / name).exists():
+                (self.previous / name).parent.mkdir(mode=0o700, exist_ok=True)
                 shutil.copy2(self.run / name, self.previous / name)
 
     def restore_previous(self) -> bool:
@@ -127,6 +132,15 @@ class RunDir:
     @property
     def envoy_config(self) -> Path:
         return self.run / "envoy.json"
+
+    @property
+    def compiled(self) -> Path:
+        return self.run / "compiled.pickle"
+
+    @property
+    def xds(self) -> Path:
+        """Envoy watches this directory: a file moved into it is read again."""
+        return self.run / "xds"
 
     @property
     def pid_file(self) -> Path:

@@ -69,6 +69,7 @@ def collect_status(rundir: RunDir) -> dict[str, Any]:
             "id": str(w), "socket": stack.extproc_sockets[w],
             "pid": report["processes"].get(f"extproc-{w}", {}).get("pid"),
             "synced": peer is not None, "facts_reported": peer.reported if peer else 0,
+            "config_hash": peer.config_hash if peer else None,
         })
     for fact in facts:
         if fact.HasField("block"):

@@ -81,15 +81,13 @@ class Supervisor:
     def __init__(self, rundir: RunDir, stack: StackInfo) -> None:
         self.rundir = rundir
         self.stopping = False
+        self.pending: list[int] = []  # reload signals, handled by the main loop
         python = sys.executable
         self.children = [
             Child("state", [python, "-m", "controlplane.state", "--socket", stack.state_socket,
-                            "--config-hash", stack.config_hash,
-                            *(["--shared-state-from", str(rundir.config)] if stack.shared_state else [])],
-                  rundir.log("state")),
-            *(Child(f"extproc-{w}", [python, "-m", "extproc", "--config", str(rundir.config), "--socket", path,
+                            "--compiled", str(rundir.compiled)], rundir.log("state")),
+            *(Child(f"extproc-{w}", [python, "-m", "extproc", "--compiled", str(rundir.compiled), "--socket", path,
                                      "--worker", str(w), "--state", stack.state_socket,
-                                     "--config-hash", stack.config_hash,
                                      *(["--relay", stack.relay_sockets[w], "--relayed", stack.relayed_socket]
                                        if stack.relay_sockets else [])],
                     rundir.log("extproc"))
@@ -102,9 +100,13 @@ class Supervisor:
         ]
 
     def run(self) -> int:
-        """Start the children and keep them running until SIGTERM/SIGINT."""
+        """Start the children and keep them running until SIGTERM/SIGINT. SIGHUP reloads the config
+        file the stack was started from (`sidestep reload` without a file); SIGUSR1, sent by
+        `sidestep reload` once Envoy runs the new config, has the workers load it."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_signal)
         self.rundir.pid_file.write_text(str(os.getpid()))
         try:
             for child in self.children:
@@ -112,6 +114,8 @@ class Supervisor:
             self._publish()
             while not self.stopping:
                 self._watch()
+                if self.pending:
+                    self._reload(self.pending.pop(0))
                 time.sleep(0.05)  # a dead ext_proc worker costs requests until it is back
         finally:
             for child in reversed(self.children):  # Envoy first: stop taking requests, then the workers
@@ -153,8 +157,37 @@ class Supervisor:
         })
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGHUP, signal.SIGUSR1):
+            self.pending.append(signum)  # handled in the loop, not inside a signal handler
+            return
         log.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
+
+    def _reload(self, signum: int) -> None:
+        if signum == signal.SIGUSR1:
+            self._load_compiled()
+            return
+        from controlplane.deploy import reload
+        from controlplane.errors import ConfigError, SidestepError
+
+        log.info("SIGHUP: reloading the config the stack was started from")
+        try:
+            plan, _ = reload(self.rundir, None, envoy_binary(), notify=self._load_compiled)
+        except ConfigError as exc:
+            log.error("reload refused, the running config keeps serving: invalid config:\n%s",
+                      "\n".join(f"  ✗ {issue}" for issue in exc.issues))
+        except SidestepError as exc:
+            log.error("reload refused, the running config keeps serving: %s", exc)
+        else:
+            log.info("reloaded: config %s", plan.stack.config_hash)
+
+    def _load_compiled(self) -> None:
+        """The state service first (it accepts workers with the new config), then the workers."""
+        for child in self.children:
+            if child.name == "state" or child.name.startswith("extproc-"):
+                if child.process is not None and child.process.poll() is None:
+                    child.process.send_signal(signal.SIGHUP)
+        log.info("the state service and the workers load the new config")
 
 
 def main(argv: list[str] | None = None) -> int:

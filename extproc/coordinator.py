@@ -229,7 +229,7 @@ class Coordinator:
                 f"model {primary.key!r} forwards your own provider key (passthrough_auth), but the request "
                 f"carries only the gateway key: send the gateway key in x-sidestep-key and your provider key "
                 f"as your SDK's api_key")
-        state = RequestState(primary=primary, started=now, client_path=request.path,
+        state = RequestState(primary=primary, order=self.gateway.order(primary), started=now, client_path=request.path,
                              client_credentials=request.credentials, next_target=primary, endpoint=endpoint,
                              body=body, model=field, pinned=endpoint.body == "json" and _refers_to_stored(body),
                              deadline=now + request.timeout if request.timeout else None,
@@ -243,11 +243,11 @@ class Coordinator:
             state.continuation = request.continuation.text
             eligible = self._eligible(state)
             avoid = request.continuation.avoid
-            first = next((t for t in (primary, *self.gateway.order(primary)) if t.key not in avoid
+            first = next((t for t in (primary, *state.order) if t.key not in avoid
                           and (t is primary or eligible(t)) and self.table.until(t, now) <= now),
                          GiveUp(502, "no_candidates"))
         else:
-            first = first_target(primary, self.gateway.order(primary), self.table, now, self._eligible(state),
+            first = first_target(primary, state.order, self.table, now, self._eligible(state),
                                  fails_over=endpoint.fails_over, limit=state.limit(budget))
         if isinstance(first, GiveUp):
             return exhausted(state, first)
@@ -358,7 +358,7 @@ class Coordinator:
         attempt = state.current
         assert attempt is not None
         attempt.outcome, attempt.ended = outcome, now
-        decision, effects = next_attempt(state, outcome, self.gateway.order(state.primary), now=now,
+        decision, effects = next_attempt(state, outcome, state.order, now=now,
                                          table=self.table, pacer=self.pacer, rng=self.rng,
                                          eligible=self._eligible(state))
         apply(effects, self.table, self.pacer, state)

@@ -60,24 +60,12 @@ class Replies:
 
     def __init__(self, gateway: Gateway, worker: str = "0") -> None:
         self.gateway = gateway
-        targets = list(gateway.targets.values())
-        extra_names = {name for t in targets for name, _ in t.extra_headers}
+        self._extra_names = {name for t in gateway.targets.values() for name, _ in t.extra_headers}
         self.worker = header(api.WORKER_HEADER, worker)
         self._static: dict[tuple[str, int], tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
-        for target in targets:
-            sets = [header(api.TARGET_HEADER, target.route_id),
-                    header(":authority", target.upstream.authority)]
-            sets += [header(k, v) for k, v in target.extra_headers]
-            removes = sorted(extra_names - {k for k, _ in target.extra_headers})
-            if target.passthrough_auth:  # `attempt` sets the client's credentials and removes the rest
-                self._static[(target.key, 0)] = (sets, removes)
-            elif not target.keys:  # a provider without a key still never gets the client's credentials
-                self._static[(target.key, 0)] = (sets, removes + list(api.CLIENT_CREDENTIAL_HEADERS))
-            for index, key in enumerate(target.keys):  # one reply shape per key of a pool
-                sent = {k for k, _ in key.headers}
-                self._static[(target.key, index)] = (
-                    sets + [header(k, v) for k, v in key.headers],
-                    removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS if h not in sent])
+        for target in gateway.targets.values():
+            for index in range(max(1, len(target.keys))):  # one reply shape per key of a pool
+                self._static[(target.key, index)] = self._shape(target, index)
         self._delivered: dict[tuple[str, int, Body, bool, str | None], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
@@ -85,12 +73,29 @@ class Replies:
         self._model_lists: dict[str | None, bytes] = {}  # by gateway key name (None: no key)
         self._sent_by: dict[str, struct_pb2.Struct] = {}  # by gateway key name
 
+    def _shape(self, target: Target, index: int) -> tuple[list[base_pb2.HeaderValueOption], list[str]]:
+        """The headers an attempt to `target` with its key `index` sets and removes."""
+        sets = [header(api.TARGET_HEADER, target.route_id), header(":authority", target.upstream.authority)]
+        sets += [header(k, v) for k, v in target.extra_headers]
+        removes = sorted(self._extra_names - {k for k, _ in target.extra_headers})
+        if target.passthrough_auth:  # `attempt` sets the client's credentials and removes the rest
+            return sets, removes
+        if not target.keys:  # a provider without a key still never gets the client's credentials
+            return sets, removes + list(api.CLIENT_CREDENTIAL_HEADERS)
+        key = target.keys[index]
+        sent = {k for k, _ in key.headers}
+        return sets + [header(k, v) for k, v in key.headers], removes + [h for h in api.CLIENT_CREDENTIAL_HEADERS
+                                                                         if h not in sent]
+
     def attempt(self, target: Target, key: int, path: str, body: bytes | None,
                 client_credentials: Credentials, attempt_timeout: float | None = None,
                 client: str = "") -> pb.ProcessingResponse:
         """The reply that sends this attempt to `target` with key `key` and `body`: to the request body,
         or, for a request without one (`body` None), to its headers. `client`: the gateway key's name."""
-        sets, removes = self._static[(target.key, key)]
+        shape = self._static.get((target.key, key))
+        if shape is None or shape[0][0].header.raw_value != target.route_id.encode():
+            shape = self._shape(target, key)  # a request from before a reload, to a target since changed
+        sets, removes = shape
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
         if target.passthrough_auth:  # restore the client's own credentials, whatever came before
             sent = {k for k, _ in client_credentials}

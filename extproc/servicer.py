@@ -34,6 +34,7 @@ from grpc import aio
 from controlplane import apierrors
 from controlplane import internalapi as api
 from controlplane.apierrors import Api, ApiError, api_for_path
+from controlplane.config import Gateway
 from controlplane.endpoints import find_endpoint
 from extproc.auth import Credentials, authenticate
 from extproc.commit import CommitPeek, StreamError
@@ -71,11 +72,18 @@ class RequestHead:
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, coordinator: Coordinator, worker: str = "0") -> None:
         self.coordinator = coordinator
+        self.worker = worker
         self.gateway = coordinator.gateway
         self.replies = Replies(coordinator.gateway, worker)
         self.body_limit = coordinator.gateway.listener.max_request_body_bytes
         too_large = apierrors.request_too_large(self.body_limit)
         self.too_large = {caller: self.replies.error(too_large, 0, caller) for caller in Api}
+
+    def use(self, gateway: Gateway) -> None:
+        """Serve new requests with another compiled config (a reload). Requests in flight keep the
+        targets, policies and failover order they started with (`RequestState`)."""
+        self.coordinator.gateway = self.gateway = gateway
+        self.replies = Replies(gateway, self.worker)
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC name
         held = any(k == api.FILTER_METADATA_KEY and v == "held" for k, v in context.invocation_metadata() or ())

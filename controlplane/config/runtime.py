@@ -332,9 +332,9 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
     bare: dict[str, Target] = {}
     targets: dict[str, Target] = {}
     names: dict[str, Target] = {}
-    for index, entry in enumerate(providers):
+    for entry in providers:
         upstream = _upstream(entry, upstreams, local=local)
-        target = _target(entry, upstream, listener, env, route_id=f"t{index}")
+        target = _target(entry, upstream, listener, env)
         targets[target.key] = target
     for entry in providers:
         if entry.retry_policy is not None:
@@ -386,6 +386,10 @@ def host_docker_internal() -> str:
         return "127.0.0.1"
 
 
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
+
+
 def listener_ip(address: str) -> str:
     """The IP address a listener binds: `localhost` means 127.0.0.1 (Envoy does not resolve names)."""
     return "127.0.0.1" if address == "localhost" else address
@@ -423,7 +427,8 @@ def _upstream(entry: ModelProvider, seen: dict[tuple[str, int, bool, str, str], 
     if ident not in seen:
         slug = re.sub(r"[^a-zA-Z0-9]+", "_", f"{entry.model.partition('/')[0]}_{host}_{port}").strip("_")
         seen[ident] = Upstream(
-            cluster=f"p{len(seen)}_{slug}", host=host, port=port, tls=tls, path_prefix=prefix,
+            cluster=f"p_{slug}_{_digest(*ident)}",  # named by what it reaches: stable across reloads
+            host=host, port=port, tls=tls, path_prefix=prefix,
             authority=authority, connect_timeout=entry.connect_timeout,
         )
     return seen[ident]
@@ -442,8 +447,7 @@ def model_kind(model_id: str) -> str:
     return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(model_id)), "chat")
 
 
-def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str], *,
-            route_id: str) -> Target:
+def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, env: Mapping[str, str]) -> Target:
     prefix, _, model_id = entry.model.partition("/")
     api = provider_api(entry)
     attempt_timeout = entry.attempt_timeout if entry.attempt_timeout is not None else listener.attempt_timeout
@@ -454,6 +458,11 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
     extra = {name.lower(): expand_env(value, env) for name, value in entry.headers.items()}
     if anthropic:
         extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    stream_idle_timeout = (
+        entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout)
+    # what the dispatch route of this id does (cluster, timeouts): the same id is the same route in
+    # every config, so a reload never sends an in-flight request's retry somewhere else
+    route_id = "t" + _digest(upstream.cluster, attempt_timeout, stream_idle_timeout)
     return Target(
         key=entry.model,
         route_id=route_id,
@@ -472,9 +481,7 @@ def _target(entry: ModelProvider, upstream: Upstream, listener: ListenerSpec, en
         extra_headers=tuple(extra.items()),
         attempt_timeout=attempt_timeout,
         first_token_timeout=entry.first_token_timeout or listener.first_token_timeout or attempt_timeout,
-        stream_idle_timeout=(
-            entry.stream_idle_timeout if entry.stream_idle_timeout is not None else listener.stream_idle_timeout
-        ),
+        stream_idle_timeout=stream_idle_timeout,
     )
 
 

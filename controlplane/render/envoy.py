@@ -21,6 +21,7 @@ so while w is down or restarting its requests go to the next healthy worker.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -120,6 +121,48 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
     }
     bootstrap["node"]["metadata"] = {"config_hash": config_hash(bootstrap)}
     return bootstrap
+
+
+def with_previous(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """`new` (a rendered bootstrap), keeping what requests still in flight under `previous` may
+    need: its provider clusters and its dispatch routes that `new` lacks. Requests running under
+    the previous config keep retrying through them; the reload after this one drops them."""
+    merged = copy.deepcopy(new)
+    resources = merged["static_resources"]
+    clusters = {c["name"] for c in resources["clusters"]}
+    resources["clusters"] += [c for c in previous["static_resources"]["clusters"] if c["name"] not in clusters]
+    new_routes = _dispatch_routes(merged)
+    known = {json.dumps(r["match"], sort_keys=True) for r in new_routes}
+    kept = [r for r in _dispatch_routes(previous)[:-1] if json.dumps(r["match"], sort_keys=True) not in known]
+    new_routes[-1:-1] = kept  # before the catch-all
+    return merged
+
+
+def _dispatch_routes(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
+    listener = next(x for x in bootstrap["static_resources"]["listeners"] if x["name"] == api.DISPATCH_LISTENER)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes: list[dict[str, Any]] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def file_xds(bootstrap: dict[str, Any], directory: str, version: str) -> tuple[dict[str, Any], dict[str, Any],
+                                                                               dict[str, Any]]:
+    """A rendered bootstrap split for file-based xDS: (the bootstrap Envoy starts with, its
+    listeners file, its clusters file). Envoy watches `directory` and applies a file moved into
+    it: a reload rewrites the two files and nothing in flight is dropped (an unchanged listener or
+    cluster is left as it is; a changed listener drains its connections gracefully)."""
+    static = bootstrap["static_resources"]
+    dynamic = {k: v for k, v in bootstrap.items() if k != "static_resources"}
+    dynamic["dynamic_resources"] = {
+        f"{kind}_config": {"resource_api_version": "V3", "path_config_source": {
+            "path": os.path.join(directory, f"{kind}.json"), "watched_directory": {"path": directory}}}
+        for kind in ("lds", "cds")}
+
+    def resources(items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+        return {"version_info": version, "resources": [{"@type": T + kind, **item} for item in items]}
+
+    return (dynamic, resources(static["listeners"], "envoy.config.listener.v3.Listener"),
+            resources(static["clusters"], "envoy.config.cluster.v3.Cluster"))
 
 
 def config_hash(bootstrap: dict[str, Any]) -> str:
@@ -345,7 +388,7 @@ def _dispatch_listener(targets: list[Target], gateway: Gateway) -> dict[str, Any
             },
             "response_headers_to_add": [_header(api.UPSTREAM_DETAILS_HEADER, "%RESPONSE_CODE_DETAILS%")],
         }
-        for target in targets
+        for target in {t.route_id: t for t in targets}.values()  # targets on one route share it
     ]
     routes.append(_json_reply(apierrors.routing_header_missing(api.TARGET_HEADER), Api.OPENAI, "/"))
     hcm = {

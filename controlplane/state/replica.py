@@ -36,6 +36,8 @@ class Replica:
         self.config_hash = config_hash
         self.clock = clock
         self._outbox: asyncio.Queue[pb.Fact] | None = None  # None while disconnected
+        self._session: asyncio.Task[None] | None = None
+        self._rehello = False
         table.on_record = self._report
 
     def _report(self, fact: Fact) -> None:
@@ -46,8 +48,26 @@ class Replica:
         except asyncio.QueueFull:
             log.warning("state outbox full (%d facts); the next reconnect resends everything", OUTBOX_LIMIT)
 
+    def rehello(self, config_hash: str) -> None:
+        """The worker runs another config (a reload): say so in a new Hello."""
+        self.config_hash = config_hash
+        if self._session is not None:
+            self._rehello = True
+            self._session.cancel()
+
     async def run(self) -> None:
         """Stay in sync until cancelled."""
+        while True:
+            self._session = asyncio.create_task(self._sync())
+            try:
+                await self._session
+            except asyncio.CancelledError:
+                if not self._rehello:
+                    self._session.cancel()
+                    raise
+                self._rehello = False
+
+    async def _sync(self) -> None:
         delay = 0.2
         failures = 0
         while True:

@@ -1,8 +1,8 @@
 """The control plane's state service: the authoritative table, and the relay between workers.
 
-Usage: `python -m controlplane.state --socket PATH --config-hash H [--shared-state-from CONFIG]` (the
-supervisor starts it). With `shared_state` in the config it also exchanges facts with the other
-gateways through Redis (`controlplane.state.redis_store`). It
+Usage: `python -m controlplane.state --socket PATH --compiled FILE` (the supervisor starts it; SIGHUP
+loads the compiled config again after a reload). With `shared_state` in the config it also
+exchanges facts with the other gateways through Redis (`controlplane.state.redis_store`). It
 listens on a Unix socket in the stack's private run directory: only the stack's own processes may
 report facts (a forged block would steer every request away from a provider).
 Each worker holds one `Sync` stream: it says Hello with everything it knows, receives a
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
-from controlplane.config import load_config
+from controlplane.compiled import load as load_compiled
 from controlplane.config.runtime import SharedStore
 from controlplane.state.codec import clock_offset, from_proto, from_protos, to_proto
 from controlplane.state.redis_store import RedisStore
@@ -46,6 +46,7 @@ class _Peer:
     worker: str
     pid: int
     connected_at: float  # Unix
+    config_hash: str
     queue: asyncio.Queue[pb.Fact | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     reported: int = 0
 
@@ -78,7 +79,7 @@ class StateService(pb_grpc.StateServicer):
         if hello.config_hash != self.config_hash:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"config {hello.config_hash} is not the control plane's {self.config_hash}")
-        peer = _Peer(hello.worker, hello.pid, time.time())
+        peer = _Peer(hello.worker, hello.pid, time.time(), hello.config_hash)
         pid = next(self._ids)
         offset = clock_offset()
         self._learned(self.table.load(from_protos(hello.known, offset)), offset, source=None)
@@ -104,8 +105,8 @@ class StateService(pb_grpc.StateServicer):
         offset = clock_offset()
         return pb.Snapshot(
             facts=[to_proto(f, offset) for f in self.table.export(self.clock())],
-            workers=[pb.Worker(id=p.worker, pid=p.pid, connected_at=p.connected_at, reported=p.reported)
-                     for p in self.peers.values()],
+            workers=[pb.Worker(id=p.worker, pid=p.pid, connected_at=p.connected_at, reported=p.reported,
+                               config_hash=p.config_hash) for p in self.peers.values()],
             now=time.time(),
             store=self.store.to_proto() if self.store is not None else None,
         )
@@ -137,9 +138,10 @@ class StateService(pb_grpc.StateServicer):
                     peer.queue.put_nowait(None)
 
 
-async def serve(socket_path: str, config_hash: str, shared: SharedStore | None = None) -> None:
+async def serve(socket_path: str, compiled_path: str) -> None:
+    compiled, config_hash = load_compiled(compiled_path)
     server = aio.server()
-    service = StateService(config_hash, shared=shared)
+    service = StateService(config_hash, shared=compiled.gateway.shared_state)
     pb_grpc.add_StateServicer_to_server(service, server)
     if os.path.exists(socket_path):  # left behind by a previous process
         os.unlink(socket_path)
@@ -151,6 +153,15 @@ async def serve(socket_path: str, config_hash: str, shared: SharedStore | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:  # `sidestep reload`: workers with the new config are welcome from now on
+        try:
+            service.config_hash = load_compiled(compiled_path)[1]
+            log.info("config %s loaded", service.config_hash)
+        except (OSError, ValueError) as exc:
+            log.error("could not load the new config (%s); keeping %s", exc, service.config_hash)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     if store is not None:
         store.cancel()
@@ -160,12 +171,10 @@ async def serve(socket_path: str, config_hash: str, shared: SharedStore | None =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane.state", description=__doc__)
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
-    parser.add_argument("--config-hash", required=True, help="workers with another config are refused")
-    parser.add_argument("--shared-state-from", metavar="CONFIG",
-                        help="share state with other gateways through the config's shared_state (Redis)")
+    parser.add_argument("--compiled", required=True,
+                        help="the compiled config (its hash: workers with another are refused; its shared_state)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    shared = load_config(args.shared_state_from).gateway.shared_state if args.shared_state_from else None
-    asyncio.run(serve(args.socket, args.config_hash, shared))
+    asyncio.run(serve(args.socket, args.compiled))
     return 0

@@ -38,6 +38,7 @@ class RequestState:
     client_path: str  # the client's :path before any attempt rewrote it
     client_credentials: tuple[tuple[str, bytes], ...]  # only forwarded for passthrough_auth targets
     next_target: Target
+    order: tuple[Target, ...] = ()  # where it may fail over to (`Gateway.order`), fixed when it starts
     endpoint: Endpoint = CHAT_COMPLETIONS  # what the client called: its API family, the kind of model it needs
     body: bytes = b""  # the client's body as it sent it: every attempt is built from it
     model: ModelField | None = None  # where the model value is in `body` (None: no model to rewrite)
