@@ -365,6 +365,10 @@ def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[by
             raise StackError(f"sidestep failed to start: {', '.join(crashing)} keeps crashing:\n{_tails(rundir)}")
         if healthz(stack.listener_url) == 200:
             return
+        if deploy.envoy_rejections(stack.admin_socket, "lds"):  # Envoy runs, but could not listen
+            _stop(rundir)
+            raise StackError(f"sidestep failed to start: Envoy rejected its listeners: "
+                             f"{deploy.rejection_reason(rundir)}\n{_tails(rundir)}")
         time.sleep(0.1)
     _stop(rundir)
     raise StackError(f"sidestep did not become healthy within {timeout:.0f}s:\n{_tails(rundir)}")

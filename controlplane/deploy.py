@@ -35,8 +35,8 @@ from controlplane.errors import StackError
 from controlplane.render.envoy import Sockets, file_xds, render_envoy, with_previous
 from controlplane.rundir import RunDir, StackInfo, write_private
 
-__all__ = ["BUILTIN", "Plan", "check_port_free", "install", "listener_url", "plan", "read_config", "reload",
-           "validate_with_envoy"]
+__all__ = ["BUILTIN", "Plan", "check_port_free", "envoy_rejections", "install", "listener_url", "plan", "read_config",
+           "rejection_reason", "reload", "validate_with_envoy"]
 
 BUILTIN = "built-in defaults"
 ENVOY_APPLY_TIMEOUT = 15.0
@@ -139,9 +139,22 @@ def reload(rundir: RunDir, path: str | None, binary: str, notify: Callable[[], N
         check_port_free(listener.address, listener.port)
     envoy = with_previous(new.envoy, previous.envoy)
     validate_with_envoy(rundir, envoy, binary)
-    install(rundir, text, new, envoy, applied=lambda kind, version: wait_applied(running.admin_socket, kind, version))
+    kept = {file: file.read_bytes() for file in _stack_files(rundir) if file.exists()}
+    rejected = {kind: envoy_rejections(running.admin_socket, kind) for kind in ("cds", "lds")}
+    try:
+        install(rundir, text, new, envoy, applied=lambda kind, version: wait_applied(
+            rundir, running.admin_socket, kind, version, rejected[kind]))
+    except StackError:
+        for file, data in kept.items():  # Envoy kept the running config; so do the files
+            write_private(file, data)
+        raise
     notify()
     return new, loaded
+
+
+def _stack_files(rundir: RunDir) -> list[Path]:
+    return [rundir.config, rundir.compiled, rundir.envoy_config, rundir.xds / "cds.json", rundir.xds / "lds.json",
+            rundir.stack_file]
 
 
 def _check_reloadable(running: Any, loaded: LoadedConfig) -> None:
@@ -168,22 +181,53 @@ def check_port_free(address: str, port: int) -> None:
                              f"running? Change listeners[].port or stop it.") from None
 
 
-def wait_applied(admin_socket: str, kind: str, version: str, timeout: float = ENVOY_APPLY_TIMEOUT) -> None:
-    """Until Envoy reports `version` of its listeners (`kind` "lds") or clusters ("cds")."""
-    stat = {"lds": "listener_manager.lds", "cds": "cluster_manager.cds"}[kind]
+_XDS_STATS = {"lds": "listener_manager.lds", "cds": "cluster_manager.cds"}
+_XDS_NAMES = {"lds": "listeners", "cds": "clusters"}
+
+
+def wait_applied(rundir: RunDir, admin_socket: str, kind: str, version: str, rejected_before: int,
+                 timeout: float = ENVOY_APPLY_TIMEOUT) -> None:
+    """Until Envoy reports `version` of its listeners (`kind` "lds") or clusters ("cds"); a
+    StackError with Envoy's reason as soon as it rejects them (a port it cannot bind)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        stats = admin_get(admin_socket, f"/stats?filter=^{stat}\\.")
-        for line in stats.splitlines():
-            name, _, value = line.partition(": ")
-            if name == f"{stat}.version_text":
-                last = value.strip().strip('"')
+        stats = _xds_stats(admin_socket, kind)
+        last = stats.get("version_text", "").strip('"')
         if last == version:
             return
+        if int(stats.get("update_rejected", "0") or 0) > rejected_before:
+            raise StackError(f"Envoy rejected the new {_XDS_NAMES[kind]} and keeps running the previous config: "
+                             f"{rejection_reason(rundir)}")
         time.sleep(0.05)
-    raise StackError(f"Envoy did not apply the new {'listeners' if kind == 'lds' else 'clusters'} within "
-                     f"{timeout:.0f}s (it reports version {last or 'none'}); see `sidestep logs envoy`")
+    raise StackError(f"Envoy did not apply the new {_XDS_NAMES[kind]} within {timeout:.0f}s (it reports version "
+                     f"{last or 'none'}); see `sidestep logs envoy`")
+
+
+def envoy_rejections(admin_socket: str, kind: str) -> int:
+    """How many updates of its listeners or clusters Envoy has rejected so far."""
+    return int(_xds_stats(admin_socket, kind).get("update_rejected", "0") or 0)
+
+
+def rejection_reason(rundir: RunDir) -> str:
+    """Envoy's last 'config rejected' log line, e.g. "listener 'model_listener' config rejected:
+    cannot bind '127.0.0.1:12000': Address already in use"."""
+    try:
+        lines = rundir.log("envoy").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    rejected = [line for line in lines if "config rejected" in line]
+    return rejected[-1].split("] ")[-1] if rejected else "see `sidestep logs envoy`"
+
+
+def _xds_stats(admin_socket: str, kind: str) -> dict[str, str]:
+    stat = _XDS_STATS[kind]
+    found = {}
+    for line in admin_get(admin_socket, f"/stats?filter=^{stat}\\.").splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(stat + "."):
+            found[name[len(stat) + 1:]] = value.strip()
+    return found
 
 
 def admin_get(admin_socket: str, path: str) -> str:

@@ -219,7 +219,8 @@ model_providers: [{{model: a/x, base_url: "{providers['a'].url}", access_key: k-
         assert providers["a"].requests == []
         # and with the header, the same path reaches the provider without leaking it
         providers["a"].script(Reply(200))
-        response = httpx.post(url, content=b'{"model": "x"}', headers={"x-sidestep-target": "t0"})
+        response = httpx.post(url, content=b'{"model": "x"}',
+                              headers={"x-sidestep-target": loaded.gateway.targets["a/x"].route_id})
         assert response.status_code == 200
         assert "x-sidestep-target" not in providers["a"].requests[0].headers
     finally:
