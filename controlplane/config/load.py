@@ -255,6 +255,15 @@ def _semantic_issues(config: SidestepConfig, env: Mapping[str, str]) -> list[Con
     issues.extend(_gateway_key_issues(config, env, {p.model for p in providers} | set(names)))
     if config.shared_state is not None:
         issues.extend(_shared_state_issues(config.shared_state.redis_url, env))
+    if config.metrics.port is not None:
+        try:
+            ipaddress.ip_address(listener_ip(config.metrics.address))
+        except ValueError:
+            issues.append(ConfigIssue("metrics.address", f"{config.metrics.address!r} is not an IP address; use "
+                                                          f"e.g. 127.0.0.1 or 0.0.0.0 (or localhost)"))
+        if any(x.port == config.metrics.port for x in config.listeners if x.type == "model"):
+            issues.append(ConfigIssue("metrics.port", f"{config.metrics.port} is the model listener's port; leave "
+                                                      f"metrics.port out to serve /metrics there"))
     return issues
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "GatewayKey",
     "HighLatency",
     "Listener",
+    "Metrics",
     "ModelProvider",
     "RetryAfterHandling",
     "RetryPolicy",
@@ -330,6 +331,16 @@ class SharedState(_Strict):
         return value
 
 
+class Metrics(_Strict):
+    """sidestep: where `GET /metrics` is served."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """A port of its own for `/metrics` (then the listener's port does not serve it); by default
+    the listener's port serves it."""
+    address: str = "127.0.0.1"
+    """With `port`: the address it binds (an IP, or `localhost`)."""
+
+
 class SidestepConfig(_Strict):
     """A sidestep (or Plano v0.3.0) config file."""
 
@@ -340,6 +351,7 @@ class SidestepConfig(_Strict):
     `x-api-key` or `x-sidestep-key`); none of them ever reaches a provider."""
     shared_state: SharedState | None = None
     """sidestep: without it, state is shared by this gateway's workers only."""
+    metrics: Metrics = Metrics()
     model_providers: list[ModelProvider] = []
     llm_providers: list[ModelProvider] | None = None
     """Plano's older name for `model_providers`."""

@@ -104,7 +104,10 @@ def render_envoy(gateway: Gateway, sockets: Sockets, log_dir: str, ca_bundle: st
             "typed_config": {"@type": T + "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }],
         "static_resources": {
-            "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir, bool(sockets.metrics)),
+            "listeners": [_outer_listener(gateway, len(sockets.extproc), log_dir, bool(sockets.metrics)
+                                          and gateway.metrics_listener is None),
+                          *([_metrics_listener(*gateway.metrics_listener)]
+                            if sockets.metrics and gateway.metrics_listener else []),
                           _dispatch_listener(targets, gateway),
                           *([_relayed_listener(gateway, sockets)] if gateway.listener.repair_streams else [])],
             "clusters": [
@@ -610,6 +613,23 @@ def _file_log(path: str) -> dict[str, Any]:
             "log_format": {"json_format": ACCESS_LOG_FORMAT},
         },
     }
+
+
+def _metrics_listener(address: str, port: int) -> dict[str, Any]:
+    """`metrics.port`: GET /metrics on a port of its own, and nothing else."""
+    hcm = {
+        "@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "metrics",
+        "route_config": {"name": "metrics", "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
+            {"match": {"path": api.METRICS_PATH, "headers": [_method("GET")]},
+             "route": {"cluster": api.METRICS_CLUSTER, "timeout": "10s"}},
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {
+                "inline_string": f"this port serves GET {api.METRICS_PATH}\n"}}}]}]},
+        "http_filters": [_router()],
+    }
+    return {"name": "sidestep_metrics", "address": _socket(address, port),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
 
 
 def _grpc_log(name: str, *, request_headers: Sequence[str] = (), response_headers: Sequence[str] = ()) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane.rundir import free_port
 from tests.e2e.conftest import Stack, stack_for
 from tests.e2e.test_shared_state import wait_for
 from tests.mockprovider import MockProvider, Reply
@@ -139,3 +140,16 @@ def test_errors_and_unknown_paths_are_counted_without_exploding_labels(stack: St
         value(before, "sidestep_requests_total", route="POST /v1/chat/completions", model="none", status="404")
     assert not any(name == "sidestep_requests_total" and dict(labels).get("route", "").endswith("fallback")
                    for name, labels in after)
+
+
+def test_metrics_on_a_port_of_their_own(make_stack, providers) -> None:
+    metrics_port = free_port()
+    stack = make_stack("listeners: [{{type: model, port: {port}}}]\n"
+                       "metrics: {{port: {metrics}}}\n"
+                       "model_providers: [{{model: b/fallback, base_url: '{b}', access_key: sk-b-0123456789abcdef}}]\n",
+                       metrics=metrics_port, b=providers["b"].url)
+    assert stack.chat({"model": "b/fallback", "messages": []}).status_code == 200
+    elsewhere = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+    assert elsewhere.status_code == 200 and "sidestep_state_service_up 1.0" in elsewhere.text
+    assert httpx.get(f"http://127.0.0.1:{metrics_port}/v1/models").status_code == 404  # nothing else there
+    assert httpx.get(stack.url + "/metrics").status_code == 404  # and not on the listener's port

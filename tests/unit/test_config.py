@@ -253,3 +253,11 @@ def test_shared_state_errors(value: str, message: str) -> None:
     found = errors(SHARED.format(value), {})
     assert any(message in e for e in found), found
     assert not any("secretpw" in e for e in found)  # a password in the URL is never repeated
+
+
+def test_metrics_port_errors() -> None:
+    base = "listeners: [{port: 12000}]\nmodel_providers: [{model: openai/gpt-4o, access_key: sk-0123456789abcdef}]\n"
+    assert load(base + "metrics: {port: 9090}").gateway.metrics_listener == ("127.0.0.1", 9090)
+    assert load(base).gateway.metrics_listener is None
+    assert any("metrics.port: 12000 is the model listener's port" in e for e in errors(base + "metrics: {port: 12000}"))
+    assert any("metrics.address" in e for e in errors(base + "metrics: {port: 9090, address: example.com}"))
