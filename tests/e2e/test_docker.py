@@ -115,11 +115,14 @@ def compose(docker_host: str, tmp_path: Path, providers: dict[str, MockProvider]
 
 
 def _store_state(files: list[str], env: dict[str, str], service: str) -> str:
-    """The shared store's state as `sidestep status` inside the service's container reports it."""
+    """The shared store's state as `sidestep status` inside the service's container reports it
+    ("connected" only once its workers are synced with its state service too)."""
     result = sh("docker", "compose", *files, "exec", "-T", service, "sidestep", "status", "--json", env=env,
                 check=False)
     try:
-        return json.loads(result.stdout)["shared_state"]["state"]
+        report = json.loads(result.stdout)
+        synced = all(w["synced"] for w in report["workers"])
+        return report["shared_state"]["state"] if synced else "workers not synced"
     except (ValueError, KeyError, TypeError):
         return ""
 

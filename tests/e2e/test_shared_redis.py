@@ -37,7 +37,7 @@ model_providers:
   - {model: a/limited, base_url: "%(a)s", access_key: sk-a-0123456789abcdef, %(policy)s}
   - {model: a/during-outage, base_url: "%(a)s", access_key: sk-a-0123456789abcdef, %(policy)s}
   - {model: a/after-restart, base_url: "%(a)s", access_key: sk-a-0123456789abcdef, %(policy)s}
-  - {model: a/steady, base_url: "%(a)s", access_key: sk-a-0123456789abcdef}
+  - {model: c/steady, base_url: "%(c)s", access_key: sk-c-0123456789abcdef}  # the load: not on a, whose script the test sets
   - {model: c/pool, base_url: "%(c)s", access_keys: %(keys)s}
 """
 
@@ -60,8 +60,9 @@ def gateways(redis_server: RedisServer, providers: dict[str, MockProvider],
         config = CONFIG % {"port": port, "namespace": namespace, "policy": POLICY, "keys": json.dumps(KEYS),
                            **{n: m.url for n, m in providers.items()}}
         stacks.append(start_stack(tmp_path_factory.mktemp(f"gateway-{name}"), config, port))
-    for stack in stacks:
-        wait_for(lambda s=stack: store(s).state == "connected", "the gateway to connect to Redis")
+    for stack in stacks:  # each gateway on Redis, and its worker on its state service
+        wait_for(lambda s=stack: store(s).state == "connected" and len(snapshot(s).workers) == 1,
+                 "the gateway to connect to Redis and its worker to sync")
     yield stacks
     for stack in stacks:
         stack.client.close()
@@ -139,7 +140,7 @@ def test_redis_killed_and_restarted_under_load(gateways: list[Stack], providers,
     """No request is lost or hangs while Redis is down; each gateway logs the outage once; what was
     learned during it reaches the other gateway once Redis is back, as does what is learned after."""
     a, b = gateways
-    providers["a"].script(Reply(200))
+    providers["c"].script(Reply(200))
     stop = threading.Event()
     outcomes: list[int | str] = []
 
@@ -148,7 +149,7 @@ def test_redis_killed_and_restarted_under_load(gateways: list[Stack], providers,
             while not stop.is_set():
                 try:
                     response = client.post(stack.url + "/v1/chat/completions", timeout=10, json={
-                        "model": "a/steady", "messages": [{"role": "user", "content": "hi"}]})
+                        "model": "c/steady", "messages": [{"role": "user", "content": "hi"}]})
                     outcomes.append(response.status_code)
                 except httpx.HTTPError as exc:
                     outcomes.append(type(exc).__name__)
