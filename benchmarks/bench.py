@@ -1,6 +1,6 @@
 """sidestep vs plain Envoy, side by side in one run, on a fast local upstream.
 
-    python benchmarks/bench.py [--duration 10] [--connections 16,64] [--workers N] [--gateway-key]
+    python benchmarks/bench.py [--duration 10] [--connections 16,64] [--workers N] [--gateway-key] [--no-metrics]
 
 Starts (all on 127.0.0.1): a fast upstream (Envoy direct_response behind a buffer filter, so
 connections stay alive; one port answers 200, another 429), a plain Envoy proxy to it, and a
@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--connections", default="16,64", help="wrk connections, comma-separated")
     parser.add_argument("--workers", type=int, help="ext_proc workers (default: sidestep's own default)")
     parser.add_argument("--gateway-key", action="store_true", help="require a gateway key (and send it)")
+    parser.add_argument("--no-metrics", action="store_true", help="`metrics: {enabled: false}` (no access-log "
+                                                                 "stream to the metrics service)")
     args = parser.parse_args()
     key = GATEWAY_KEY if args.gateway_key else None
     wrk = ensure_wrk()
@@ -57,7 +59,8 @@ def main() -> int:
         procs.append(start_envoy(upstream_config(ok_port, limited_port), work / "upstream.json", concurrency=1))
         config = work / "sidestep.yaml"
         config.write_text(SIDESTEP_CONFIG.format(port=listen_port, ok=ok_port, limited=limited_port)
-                          + (f"gateway_keys: [{{name: bench, key: {key}}}]\n" if key else ""))
+                          + (f"gateway_keys: [{{name: bench, key: {key}}}]\n" if key else "")
+                          + ("metrics: {enabled: false}\n" if args.no_metrics else ""))
         workers = ["--workers", str(args.workers)] if args.workers else []
         subprocess.run([sys.executable, "-m", "controlplane", "--home", str(home), "up", str(config), *workers],
                        check=True, stdout=subprocess.DEVNULL)
@@ -71,7 +74,8 @@ def main() -> int:
 
         print(f"sidestep benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {concurrency} (both), "
               f"{len(extproc_pids)} ext_proc worker(s), wrk -t1, {args.duration}s per run, {len(BODY)} B body, "
-              f"gateway key {'on' if key else 'off'}; everything shares this machine\n")
+              f"gateway key {'on' if key else 'off'}, metrics {'off' if args.no_metrics else 'on'}; "
+              f"everything shares this machine\n")
         print(f"{'scenario':34s} {'conns':>5s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'non-2xx':>8s}"
               f"  {'ext_proc CPU/attempt':>20s}")
         for conns in [int(c) for c in args.connections.split(",")]:

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,9 @@ def plan(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int, concur
     listener = gateway.listener
     sockets = Sockets.in_dir(str(rundir.sockets), workers)
     if not listener.repair_streams:
-        sockets = Sockets(sockets.admin, sockets.extproc, metrics=sockets.metrics, access_log=sockets.access_log)
+        sockets = replace(sockets, relay=(), relayed="")
+    if not gateway.metrics:
+        sockets = replace(sockets, metrics="", access_log="")
     envoy = render_envoy(gateway, sockets, str(rundir.logs))
     data = compiled_config.dump(compiled_config.Compiled(gateway, envoy, source))
     stack = StackInfo(

@@ -264,6 +264,7 @@ class Gateway:
     # makes the lookup's timing independent of how much of a guess matches a real key.
     client_keys: Mapping[bytes, ClientKey] = field(default_factory=dict)
     shared_state: SharedStore | None = None  # used by the control plane's state service, not the data path
+    metrics: bool = True  # the metrics service, and Envoy's access-log stream to it
     metrics_listener: tuple[str, int] | None = None  # (address, port) of its own for /metrics
     _orders: dict[str, tuple[Target, ...]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -368,7 +369,7 @@ def compile_config(config: SidestepConfig, env: Mapping[str, str], *, local: boo
         shared = SharedStore(url=url, namespace=config.shared_state.namespace, hint=mask_url(url))
     metrics = config.metrics
     return Gateway(listener=listener, targets=targets, names=names, default=default, client_keys=client_keys,
-                   shared_state=shared,
+                   shared_state=shared, metrics=metrics.enabled,
                    metrics_listener=(listener_ip(metrics.address), metrics.port) if metrics.port else None)
 
 

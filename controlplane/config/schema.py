@@ -332,8 +332,11 @@ class SharedState(_Strict):
 
 
 class Metrics(_Strict):
-    """sidestep: where `GET /metrics` is served."""
+    """sidestep: Prometheus metrics (`GET /metrics`), and where they are served."""
 
+    enabled: bool = True
+    """false: no metrics service, and Envoy streams no access-log entries to one (their cost is
+    Envoy's and the metrics service's CPU per request; see the README's Benchmarks)."""
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     """A port of its own for `/metrics` (then the listener's port does not serve it); by default
     the listener's port serves it."""

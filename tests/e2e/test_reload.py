@@ -62,10 +62,16 @@ def test_reload_during_a_slow_stream(providers: dict[str, MockProvider], tmp_pat
         reader.start()
         time.sleep(0.8)  # a few chunks in
         assert reader.is_alive()
-        config.write_text(BASE.format(b_key="sk-b-new-0123456789", **values) + ADDED.format(**values))
+        # a new model, a new key, and a listener setting: the listener the stream came in on is replaced
+        config.write_text(BASE.replace("attempt_timeout: 10s", "attempt_timeout: 10s, request_timeout: 61s")
+                          .format(b_key="sk-b-new-0123456789", **values) + ADDED.format(**values))
         reloaded = stack.sidestep("reload")  # the file the stack was started from, read again
         assert "sidestep reloaded" in reloaded.stdout, reloaded.stdout + reloaded.stderr
         assert reader.is_alive()  # the stream is still going
+        listeners = json.loads((stack.home / "run" / "xds" / "lds.json").read_text())["resources"]
+        model_listener = next(x for x in listeners if x["name"] == "model_listener")
+        hcm = model_listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["request_timeout"] == "61.000s"  # the replaced listener's
         reader.join(30)
         assert streamed["status"] == 200
         body = streamed["body"]
