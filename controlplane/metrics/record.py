@@ -9,7 +9,9 @@ are counted in one process without the workers doing any work for them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -72,6 +74,11 @@ def parse_ledger(text: str) -> list[Attempt]:
     return attempts
 
 
+@functools.lru_cache(maxsize=4096)
+def _route(method: str, path: str) -> str:
+    return route_of(method, path)
+
+
 def route_of(method: str, path: str) -> str:
     """The served endpoint a request path belongs to (`/v1/models/{id}` for every model id), so
     labels stay few; "other" for anything sidestep does not serve."""
@@ -111,29 +118,39 @@ class Recorder:
                                ["outcome"], registry=registry)
         self.clients = Counter("sidestep_gateway_key_requests", "Requests by gateway key name", ["key"],
                                registry=registry)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def record(self, entry: Entry) -> None:
+        child = self._child
         if entry.repair:
-            self.repairs.labels("repaired" if entry.status < 400 else "failed").inc()
+            child(self.repairs, "repaired" if entry.status < 400 else "failed").inc()
             return
-        route, model = route_of(entry.method, entry.path), entry.model or "none"
-        self.requests.labels(route, model, str(entry.status)).inc()
+        route, model = _route(entry.method, entry.path), entry.model or "none"
+        child(self.requests, route, model, str(entry.status)).inc()
         if entry.duration is not None:
-            self.duration.labels(route, model).observe(entry.duration)
+            child(self.duration, route, model).observe(entry.duration)
         if entry.first_byte is not None:
-            self.first_byte.labels(route, model).observe(entry.first_byte)
+            child(self.first_byte, route, model).observe(entry.first_byte)
         if entry.client:
-            self.clients.labels(entry.client).inc()
+            child(self.clients, entry.client).inc()
         previous: Attempt | None = None
         for attempt in entry.ledger:
-            self.attempts.labels(attempt.target, attempt.error or ("success" if attempt.status else "unknown")).inc()
+            child(self.attempts, attempt.target, attempt.error or ("success" if attempt.status else "unknown")).inc()
             if attempt.ms is not None:
-                self.attempt_seconds.labels(attempt.target).observe(attempt.ms / 1000)
+                child(self.attempt_seconds, attempt.target).observe(attempt.ms / 1000)
             if attempt.wait_ms > 0:
-                self.waits.labels(attempt.wait or "unknown").observe(attempt.wait_ms / 1000)
+                child(self.waits, attempt.wait or "unknown").observe(attempt.wait_ms / 1000)
             if previous is not None:
                 kind = "retry" if attempt.target == previous.target else "failover"
-                self.retries.labels(previous.target, kind, previous.error or "unknown").inc()
+                child(self.retries, previous.target, kind, previous.error or "unknown").inc()
             previous = attempt
         if entry.ledger and entry.ledger[-1].translated and entry.status < 400:
-            self.translated.labels(entry.ledger[-1].target).inc()
+            child(self.translated, entry.ledger[-1].target).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: every request updates about five of them."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

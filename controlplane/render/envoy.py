@@ -633,7 +633,8 @@ def _metrics_listener(address: str, port: int) -> dict[str, Any]:
 
 
 def _grpc_log(name: str, *, request_headers: Sequence[str] = (), response_headers: Sequence[str] = ()) -> dict[str, Any]:
-    """Every request's access-log entry to the metrics service (batched by Envoy; when the service
+    """Every request's access-log entry to the metrics service (batched by Envoy: counts lag up to a
+    second; when the service
     is down, entries are dropped and requests are not affected)."""
     return {
         "name": "envoy.access_loggers.http_grpc",
@@ -642,7 +643,9 @@ def _grpc_log(name: str, *, request_headers: Sequence[str] = (), response_header
             "@type": T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {"log_name": name, "transport_api_version": "V3",
                               "grpc_service": {"envoy_grpc": {"cluster_name": api.ALS_CLUSTER}},
-                              "buffer_flush_interval": "0.2s"},
+                              # fewer, larger batches: this stream costs Envoy and the metrics service
+                              # CPU per request, the gateway's own budget (see the README's Benchmarks)
+                              "buffer_flush_interval": "1s", "buffer_size_bytes": 262144},
             "additional_request_headers_to_log": list(request_headers),
             "additional_response_headers_to_log": list(response_headers),
         },
