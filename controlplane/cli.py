@@ -11,8 +11,6 @@ import sys
 import time
 from collections import deque
 
-import yaml
-
 from controlplane import containers, deploy
 from controlplane.config import LoadedConfig, load_config, parse_config
 from controlplane.config.schema import SidestepConfig
@@ -70,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("config", nargs="?", help="config file (default: the one the gateway runs, read again)")
     reload.add_argument("--timeout", type=float, default=15.0,
                         help="seconds to wait for every worker to take the new config (default 15)")
+    _docker_options(reload)
     reload.set_defaults(func=cmd_reload)
 
     down = sub.add_parser("down", help="stop the gateway (safe to run when it is not running)")
@@ -119,7 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     source, text = deploy.read_config(args.config, DEFAULT_CONFIG_NAMES)
     loaded = parse_config(text, source=source)
     if args.listen:  # on the file that just validated: its YAML is known to be sane
-        text = _with_listener(text, *args.listen)
+        text = deploy.with_listener(text, *args.listen)
         loaded = parse_config(text, source=source)
     _print_warnings(loaded)
     if args.docker:
@@ -130,7 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if running is None or running.listener_port != listener.port:  # the running stack's port will be free
         deploy.check_port_free(listener.address, listener.port)
     rundir.ensure()
-    plan = deploy.plan(rundir, loaded, str(source), workers, concurrency)
+    plan = deploy.plan(rundir, loaded, str(source), workers, concurrency, args.listen)
     stack = plan.stack
     deploy.validate_with_envoy(rundir, plan.envoy, envoy_binary())
     if args.foreground:
@@ -175,22 +174,6 @@ def _address_port(value: str) -> tuple[str, int]:
     return address.strip("[]"), int(port)
 
 
-def _with_listener(text: str, address: str, port: int) -> str:
-    """The config with its model listener moved (`up --listen`); the stack runs this text. The
-    listener is then validated like any other (a public address still needs gateway_keys)."""
-    raw = yaml.safe_load(text) or {}
-    if not isinstance(raw, dict):
-        return text  # parse_config reports it
-    listeners = raw.get("listeners")
-    if not isinstance(listeners, list) or not listeners:
-        listeners = raw["listeners"] = [{"type": "model"}]
-    model = next((x for x in listeners if isinstance(x, dict) and x.get("type", "model") == "model"), None)
-    if model is None:
-        return text
-    model["address"], model["port"] = address, port
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
 def _start(rundir: RunDir, stack: StackInfo, timeout: float, *, fresh_logs: bool = True) -> None:
     """Start the supervisor for the installed stack and wait until it is healthy."""
     rundir.children_file.unlink(missing_ok=True)  # a crashed stack's counts must not judge this one
@@ -218,6 +201,8 @@ def _up_docker(args: argparse.Namespace, loaded: LoadedConfig, source: str, text
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    if args.docker:  # the container's own `sidestep reload`, with FILE copied in first
+        return containers.reload(args.name, deploy.read_config(args.config)[1] if args.config else None)
     private_umask()
     rundir = RunDir(args.home)
     pid = rundir.supervisor_pid()
@@ -365,7 +350,7 @@ def _wait_healthy(rundir: RunDir, stack: StackInfo, process: subprocess.Popen[by
             raise StackError(f"sidestep failed to start: {', '.join(crashing)} keeps crashing:\n{_tails(rundir)}")
         if healthz(stack.listener_url) == 200:
             return
-        if deploy.envoy_rejections(stack.admin_socket, "lds"):  # Envoy runs, but could not listen
+        if deploy.rejected_anything(stack.admin_socket):  # Envoy runs, but could not listen (or route)
             _stop(rundir)
             raise StackError(f"sidestep failed to start: Envoy rejected its listeners: "
                              f"{deploy.rejection_reason(rundir)}\n{_tails(rundir)}")

@@ -22,7 +22,7 @@ from controlplane.config.runtime import env_references
 from controlplane.errors import StackError
 from controlplane.status import healthz
 
-__all__ = ["DEFAULT_IMAGE", "DEFAULT_NAME", "down", "logs", "status", "up"]
+__all__ = ["DEFAULT_IMAGE", "DEFAULT_NAME", "down", "logs", "reload", "status", "up"]
 
 DEFAULT_IMAGE = "sidestep:latest"
 DEFAULT_NAME = "sidestep"
@@ -86,6 +86,19 @@ def up(text: str, source: str, url: str, *, image: str, name: str, workers: int 
     tail = container.logs(tail=20).decode(errors="replace")
     raise StackError(f"the container {name} did not become healthy at {url}/healthz within {timeout:.0f}s "
                      f"(it is still running: `sidestep logs --docker`, `sidestep down --docker`):\n{tail}")
+
+
+def reload(name: str, text: str | None) -> int:
+    """`sidestep reload` inside the container; with `text`, that config is copied in first. The
+    container validates it with its own environment (the variables passed at `up --docker`)."""
+    container = _running(name)
+    if text is not None:
+        container.put_archive(CONFIG_DIR, _config_tar(text))
+    result = container.exec_run(["sidestep", "reload"], stream=False, demux=True)
+    out, err = result.output
+    sys.stdout.write((out or b"").decode(errors="replace"))
+    sys.stderr.write((err or b"").decode(errors="replace"))
+    return int(result.exit_code or 0)
 
 
 def down(name: str) -> bool:

@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane import compiled as compiled_config
 from controlplane.config import LoadedConfig, parse_config
 from controlplane.errors import StackError
@@ -36,7 +38,7 @@ from controlplane.render.envoy import Sockets, file_xds, render_envoy, with_prev
 from controlplane.rundir import RunDir, StackInfo, write_private
 
 __all__ = ["BUILTIN", "Plan", "check_port_free", "envoy_rejections", "install", "listener_url", "plan", "read_config",
-           "rejection_reason", "reload", "validate_with_envoy"]
+           "rejected_anything", "rejection_reason", "reload", "validate_with_envoy", "with_listener"]
 
 BUILTIN = "built-in defaults"
 ENVOY_APPLY_TIMEOUT = 15.0
@@ -63,13 +65,31 @@ def read_config(path: str | None, defaults: tuple[str, ...] = ()) -> tuple[str, 
     return BUILTIN, (resources.files("controlplane") / "defaults" / "sidestep.yaml").read_text()
 
 
+def with_listener(text: str, address: str, port: int) -> str:
+    """The config with its model listener moved (`up --listen`, and each reload of a stack started so). The
+    listener is then validated like any other (a public address still needs gateway_keys)."""
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        return text  # parse_config reports it
+    listeners = raw.get("listeners")
+    if not isinstance(listeners, list) or not listeners:
+        listeners = raw["listeners"] = [{"type": "model"}]
+    model = next((x for x in listeners if isinstance(x, dict) and x.get("type", "model") == "model"), None)
+    if model is None:
+        return text
+    model["address"], model["port"] = address, port
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def listener_url(address: str, port: int) -> str:
     """Where this machine reaches the listener."""
     host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def plan(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int, concurrency: int) -> Plan:
+def plan(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int, concurrency: int,
+         listen: tuple[str, int] | None = None) -> Plan:
+    """`listen`: the listener `up --listen` moved the config's to (kept for reloads)."""
     gateway = loaded.gateway
     listener = gateway.listener
     sockets = Sockets.in_dir(str(rundir.sockets), workers)
@@ -89,6 +109,7 @@ def plan(rundir: RunDir, loaded: LoadedConfig, source: str, workers: int, concur
         relay_sockets=list(sockets.relay), relayed_socket=sockets.relayed,
         shared_state=gateway.shared_state.hint if gateway.shared_state else "",
         metrics_socket=sockets.metrics, access_log_socket=sockets.access_log,
+        listen=list(listen) if listen else None,
     )
     return Plan(stack, data, envoy)
 
@@ -113,13 +134,13 @@ def install(rundir: RunDir, text: str, plan: Plan, envoy: dict[str, Any] | None 
     (a reload's, with the previous config's clusters kept). `applied(kind, version)`: called after
     each xDS file is written, to wait until a running Envoy has applied it (clusters first, so the
     listeners never name a cluster Envoy does not have yet)."""
-    bootstrap, lds, cds = file_xds(envoy or plan.envoy, str(rundir.xds), plan.stack.config_hash)
+    files = file_xds(envoy or plan.envoy, str(rundir.xds), plan.stack.config_hash)
     write_private(rundir.config, text)  # the stack runs this copy; editing the file needs `reload`
-    write_private(rundir.envoy_config, json.dumps(bootstrap, indent=1))
-    for kind, resources_ in (("cds", cds), ("lds", lds)):
-        write_private(rundir.xds / f"{kind}.json", json.dumps(resources_, indent=1))
+    write_private(rundir.envoy_config, json.dumps(files.pop("envoy.json"), indent=1))
+    for name, content in files.items():  # in order: what each names exists before it
+        write_private(rundir.xds / name, json.dumps(content, indent=1))
         if applied is not None:
-            applied(kind, plan.stack.config_hash)
+            applied(name.removesuffix(".json"), plan.stack.config_hash)
     write_private(rundir.compiled, plan.compiled)
     rundir.write_stack(plan.stack)
 
@@ -133,19 +154,23 @@ def reload(rundir: RunDir, path: str | None, binary: str, notify: Callable[[], N
         raise StackError("sidestep is not running: start it with `sidestep up`")
     source, text = read_config(path or (None if running.config_source == BUILTIN else running.config_source))
     loaded = parse_config(text, source=source)
+    listen = (running.listen[0], int(running.listen[1])) if running.listen else None
+    if listen:  # `up --listen` moved the listener: so does every reload
+        text = with_listener(text, *listen)
+        loaded = parse_config(text, source=source)
     previous, _ = compiled_config.load(rundir.compiled)
     _check_reloadable(previous.gateway, loaded)
-    new = plan(rundir, loaded, source, len(running.extproc_sockets), running.envoy_concurrency)
+    new = plan(rundir, loaded, source, len(running.extproc_sockets), running.envoy_concurrency, listen)
     listener = loaded.gateway.listener
     if (listener.address, listener.port) != (running.listener_address, running.listener_port):
         check_port_free(listener.address, listener.port)
     envoy = with_previous(new.envoy, previous.envoy)
     validate_with_envoy(rundir, envoy, binary)
     kept = {file: file.read_bytes() for file in _stack_files(rundir) if file.exists()}
-    rejected = {kind: envoy_rejections(running.admin_socket, kind) for kind in ("cds", "lds")}
+    rejected = {kind: envoy_rejections(running.admin_socket, kind) for kind in _xds_kinds(previous.envoy)}
     try:
         install(rundir, text, new, envoy, applied=lambda kind, version: wait_applied(
-            rundir, running.admin_socket, kind, version, rejected[kind]))
+            rundir, running.admin_socket, kind, version, rejected.get(kind)))
     except StackError:
         for file, data in kept.items():  # Envoy kept the running config; so do the files
             write_private(file, data)
@@ -155,8 +180,12 @@ def reload(rundir: RunDir, path: str | None, binary: str, notify: Callable[[], N
 
 
 def _stack_files(rundir: RunDir) -> list[Path]:
-    return [rundir.config, rundir.compiled, rundir.envoy_config, rundir.xds / "cds.json", rundir.xds / "lds.json",
-            rundir.stack_file]
+    return [rundir.config, rundir.compiled, rundir.envoy_config, *rundir.xds.glob("*.json"), rundir.stack_file]
+
+
+def _xds_kinds(envoy: dict[str, Any]) -> list[str]:
+    """The xDS files (without .json) of a rendered config: "cds", "rds-NAME"…, "lds"."""
+    return [name.removesuffix(".json") for name in file_xds(envoy, "", "") if name != "envoy.json"]
 
 
 def _check_reloadable(running: Any, loaded: LoadedConfig) -> None:
@@ -183,32 +212,71 @@ def check_port_free(address: str, port: int) -> None:
                              f"running? Change listeners[].port or stop it.") from None
 
 
-_XDS_STATS = {"lds": "listener_manager.lds", "cds": "cluster_manager.cds"}
-_XDS_NAMES = {"lds": "listeners", "cds": "clusters"}
+def _xds_stat(kind: str) -> str:
+    """The admin stats prefix of an xDS file: "lds", "cds", or "rds-NAME" (an HCM whose stat
+    prefix is its route config's name)."""
+    if kind.startswith("rds-"):
+        name = kind.removeprefix("rds-")
+        return f"http.{name}.rds.{name}"
+    return {"lds": "listener_manager.lds", "cds": "cluster_manager.cds"}[kind]
 
 
-def wait_applied(rundir: RunDir, admin_socket: str, kind: str, version: str, rejected_before: int,
+def _xds_name(kind: str) -> str:
+    return {"lds": "listeners", "cds": "clusters"}.get(kind, f"routes ({kind.removeprefix('rds-')})")
+
+
+def wait_applied(rundir: RunDir, admin_socket: str, kind: str, version: str, rejected_before: int | None,
                  timeout: float = ENVOY_APPLY_TIMEOUT) -> None:
-    """Until Envoy reports `version` of its listeners (`kind` "lds") or clusters ("cds"); a
-    StackError with Envoy's reason as soon as it rejects them (a port it cannot bind)."""
+    """Until Envoy reports `version` of its listeners (`kind` "lds"), clusters ("cds") or a route
+    config ("rds-NAME"); a StackError with Envoy's reason as soon as it rejects them (a port it
+    cannot bind). `rejected_before` None: a route config no listener uses yet, which Envoy reads
+    when the listener that names it arrives (its warming waits for it)."""
+    if rejected_before is None:
+        return
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         stats = _xds_stats(admin_socket, kind)
         last = stats.get("version_text", "").strip('"')
-        if last == version:
+        if last == version and _warming(admin_socket, kind) == 0:  # accepted, and serving (not still warming)
             return
         if int(stats.get("update_rejected", "0") or 0) > rejected_before:
-            raise StackError(f"Envoy rejected the new {_XDS_NAMES[kind]} and keeps running the previous config: "
+            raise StackError(f"Envoy rejected the new {_xds_name(kind)} and keeps running the previous config: "
                              f"{rejection_reason(rundir)}")
         time.sleep(0.05)
-    raise StackError(f"Envoy did not apply the new {_XDS_NAMES[kind]} within {timeout:.0f}s (it reports version "
+    raise StackError(f"Envoy did not apply the new {_xds_name(kind)} within {timeout:.0f}s (it reports version "
                      f"{last or 'none'}); see `sidestep logs envoy`")
 
 
-def envoy_rejections(admin_socket: str, kind: str) -> int:
-    """How many updates of its listeners or clusters Envoy has rejected so far."""
-    return int(_xds_stats(admin_socket, kind).get("update_rejected", "0") or 0)
+_WARMING = {"lds": "listener_manager.total_listeners_warming", "cds": "cluster_manager.warming_clusters"}
+
+
+def _warming(admin_socket: str, kind: str) -> int:
+    """Listeners or clusters Envoy has accepted but does not use yet (still initializing)."""
+    stat = _WARMING.get(kind)
+    if stat is None:
+        return 0  # a route config is used as soon as it is accepted
+    for line in admin_get(admin_socket, f"/stats?filter=^{stat}$").splitlines():
+        name, _, value = line.partition(": ")
+        if name == stat and value.strip().isdigit():
+            return int(value)
+    return 1  # not answered yet: ask again
+
+
+def rejected_anything(admin_socket: str) -> bool:
+    """Has Envoy rejected any of its listeners or route configs (at start: a port it cannot bind)?"""
+    for line in admin_get(admin_socket, "/stats?filter=(lds|rds).*update_rejected$").splitlines():
+        _, _, value = line.partition(": ")
+        if value.strip().isdigit() and int(value) > 0:
+            return True
+    return False
+
+
+def envoy_rejections(admin_socket: str, kind: str) -> int | None:
+    """How many updates of an xDS file Envoy has rejected so far; None when it does not read it
+    (yet): a route config no listener names."""
+    value = _xds_stats(admin_socket, kind).get("update_rejected")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def rejection_reason(rundir: RunDir) -> str:
@@ -223,7 +291,7 @@ def rejection_reason(rundir: RunDir) -> str:
 
 
 def _xds_stats(admin_socket: str, kind: str) -> dict[str, str]:
-    stat = _XDS_STATS[kind]
+    stat = _xds_stat(kind)
     found = {}
     for line in admin_get(admin_socket, f"/stats?filter=^{stat}\\.").splitlines():
         name, _, value = line.partition(": ")

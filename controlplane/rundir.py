@@ -5,7 +5,8 @@
     run/compiled.pickle  that config compiled (`controlplane.compiled`): what the workers and the
                          state service load; its content hash is the stack's config hash
     run/envoy.json       Envoy's bootstrap: admin, and where its listeners and clusters come from …
-    run/xds/{lds,cds}.json  … these files (file-based xDS): `reload` replaces them, Envoy follows
+    run/xds/*.json       … these files (file-based xDS: clusters, one per route config, listeners):
+                         `reload` replaces them, Envoy follows
     run/stack.json       sockets, listener, config hash; written by `up`
     run/children.json    the supervisor's view of its children (pids, restarts, last exit)
     run/supervisor.pid
@@ -35,7 +36,7 @@ from controlplane.errors import StackError
 
 __all__ = ["RunDir", "StackInfo", "free_port", "pid_alive", "private_umask", "write_private"]
 
-PREVIOUS_FILES = ("config.yaml", "compiled.pickle", "envoy.json", "xds/lds.json", "xds/cds.json", "stack.json")
+PREVIOUS_FILES = ("config.yaml", "compiled.pickle", "envoy.json", "stack.json")  # and the xds/ directory
 _SUN_PATH_MAX = 100  # a Unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux)
 
 
@@ -58,6 +59,7 @@ class StackInfo:
     shared_state: str = ""  # the Redis shared with other gateways (password masked); "" without one
     metrics_socket: str = ""  # the metrics service: GET /metrics …
     access_log_socket: str = ""  # … and Envoy's access-log entries
+    listen: list[Any] | None = None  # [address, port] from `up --listen`: reloads keep it
 
 
 def private_umask() -> None:
@@ -114,15 +116,19 @@ class RunDir:
         """Remember the running stack's files, to bring it back should its replacement fail."""
         for name in PREVIOUS_FILES:
             if (self.run / name).exists():
-                (self.previous / name).parent.mkdir(mode=0o700, exist_ok=True)
                 shutil.copy2(self.run / name, self.previous / name)
+        shutil.rmtree(self.previous / "xds", ignore_errors=True)
+        if self.xds.exists():
+            shutil.copytree(self.xds, self.previous / "xds")
 
     def restore_previous(self) -> bool:
         """Put the remembered stack's files back. False when there is none."""
-        if not all((self.previous / name).exists() for name in PREVIOUS_FILES):
+        if not all((self.previous / name).exists() for name in (*PREVIOUS_FILES, "xds")):
             return False
         for name in PREVIOUS_FILES:
             shutil.copy2(self.previous / name, self.run / name)
+        shutil.rmtree(self.xds, ignore_errors=True)
+        shutil.copytree(self.previous / "xds", self.xds)
         return True
 
     @property

@@ -148,24 +148,43 @@ def _dispatch_routes(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
     return routes
 
 
-def file_xds(bootstrap: dict[str, Any], directory: str, version: str) -> tuple[dict[str, Any], dict[str, Any],
-                                                                               dict[str, Any]]:
-    """A rendered bootstrap split for file-based xDS: (the bootstrap Envoy starts with, its
-    listeners file, its clusters file). Envoy watches `directory` and applies a file moved into
-    it: a reload rewrites the two files and nothing in flight is dropped (an unchanged listener or
-    cluster is left as it is; a changed listener drains its connections gracefully)."""
-    static = bootstrap["static_resources"]
+def file_xds(bootstrap: dict[str, Any], directory: str, version: str) -> dict[str, dict[str, Any]]:
+    """A rendered bootstrap split for file-based xDS, as {file name: content}: "envoy.json" (what
+    Envoy starts with, kept out of `directory`), then in the order they must be applied "cds.json"
+    (its clusters), "rds-NAME.json" (each route config: Envoy reads one per file) and "lds.json"
+    (its listeners). Envoy watches `directory` and
+    applies a file moved into it. A reload rewrites the three files, and nothing in flight is
+    dropped: an unchanged listener or cluster is left as it is, and routes live in route configs of
+    their own, which connections already open use at once (a listener with inline routes would
+    be replaced, and its open connections, pooled internal ones included, would keep the old
+    routes while it drains)."""
+    static = copy.deepcopy(bootstrap["static_resources"])
     dynamic = {k: v for k, v in bootstrap.items() if k != "static_resources"}
-    dynamic["dynamic_resources"] = {
-        f"{kind}_config": {"resource_api_version": "V3", "path_config_source": {
-            "path": os.path.join(directory, f"{kind}.json"), "watched_directory": {"path": directory}}}
-        for kind in ("lds", "cds")}
+
+    def source(name: str) -> dict[str, Any]:
+        return {"resource_api_version": "V3", "path_config_source": {
+            "path": os.path.join(directory, name), "watched_directory": {"path": directory}}}
+
+    dynamic["dynamic_resources"] = {"lds_config": source("lds.json"), "cds_config": source("cds.json")}
+    route_configs = []
+    for listener in static["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                hcm = network_filter["typed_config"]
+                route_config = hcm.pop("route_config", None)
+                if route_config is not None:
+                    route_configs.append(route_config)
+                    hcm["rds"] = {"route_config_name": route_config["name"],
+                                  "config_source": source(f"rds-{route_config['name']}.json")}
 
     def resources(items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         return {"version_info": version, "resources": [{"@type": T + kind, **item} for item in items]}
 
-    return (dynamic, resources(static["listeners"], "envoy.config.listener.v3.Listener"),
-            resources(static["clusters"], "envoy.config.cluster.v3.Cluster"))
+    return {"envoy.json": dynamic,
+            "cds.json": resources(static["clusters"], "envoy.config.cluster.v3.Cluster"),
+            **{f"rds-{r['name']}.json": resources([r], "envoy.config.route.v3.RouteConfiguration")
+               for r in route_configs},
+            "lds.json": resources(static["listeners"], "envoy.config.listener.v3.Listener")}
 
 
 def config_hash(bootstrap: dict[str, Any]) -> str:

@@ -216,7 +216,10 @@ class RedisStore:
         return changed
 
     def _down(self, exc: BaseException) -> None:
-        detail = "outbox overflowed; resyncing" if isinstance(exc, _Resync) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _Resync):
+            log.info("shared store outbox overflowed; reconnecting to resync")
+            return
+        detail = f"{type(exc).__name__}: {exc}"
         if self.health.state != "unreachable":
             log.warning("shared store %s unreachable (%s); serving with local state and retrying",
                         self.spec.hint, detail)

@@ -211,6 +211,15 @@ def test_up_docker_runs_a_plano_file_and_down_removes_it(docker_host: str, tmp_p
             assert f"container {name}" in status.stdout and "healthy" in status.stdout
             logs = run_cli(*home, "logs", "--docker", "--name", name, "-n", "5", env=env)
             assert "supervisor" in logs.stdout
+            # a changed file, reloaded into the running container
+            changed = tmp_path / "changed.yaml"
+            changed.write_text(config.read_text() + "  - {model: openai/gpt-4.1, base_url: "
+                               f"'http://host.docker.internal:{primary.port}', access_key: $OPENAI_API_KEY}}\n")
+            reloaded = run_cli(*home, "reload", "--docker", "--name", name, str(changed), env=env)
+            assert "sidestep reloaded" in reloaded.stdout, reloaded.stdout + reloaded.stderr
+            primary.script(WireReply(200))
+            assert client.chat.completions.create(model="openai/gpt-4.1", messages=[
+                {"role": "user", "content": "hi"}]).choices[0].message.content
             again = run_cli(*home, "up", "--docker", "--name", name, str(config), env=env)  # replaces it
             assert f"replacing the running container {name}" in again.stdout
         finally:

@@ -119,3 +119,24 @@ def test_reload_during_a_slow_stream(providers: dict[str, MockProvider], tmp_pat
     finally:
         stack.client.close()
         stack.sidestep("down", check=False)
+
+
+def test_a_listener_moved_by_up_listen_stays_moved_across_reloads(providers, tmp_path: Path) -> None:
+    configured, moved = free_port(), free_port()
+    config = tmp_path / "sidestep.yaml"
+    config.write_text(BASE.format(port=configured, a=providers["a"].url, b=providers["b"].url,
+                                  b_key="sk-b-old-0123456789"))
+    home = tmp_path / "home"
+    stack = Stack(home=home, url=f"http://127.0.0.1:{moved}", client=httpx.Client())
+    try:
+        stack.sidestep("up", "--listen", f"127.0.0.1:{moved}", str(config))
+        assert chat(stack, "b/fallback").status_code == 200
+        config.write_text(config.read_text() + ADDED.format(c=providers["c"].url))
+        stack.sidestep("reload")
+        response = chat(stack, "c/new")
+        assert response.status_code == 200, response.text  # the new config, on the moved listener
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{configured}/healthz", timeout=2)
+    finally:
+        stack.client.close()
+        stack.sidestep("down", check=False)

@@ -9,9 +9,10 @@ import tarfile
 import pytest
 import yaml
 
-from controlplane.cli import _address_port, _with_listener
+from controlplane.cli import _address_port
 from controlplane.config import parse_config
 from controlplane.containers import CONTAINER_UID, _config_tar
+from controlplane.deploy import with_listener as _with_listener
 
 
 def test_the_config_is_copied_in_for_the_containers_user_only() -> None:
