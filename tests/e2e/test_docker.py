@@ -213,8 +213,8 @@ def test_up_docker_runs_a_plano_file_and_down_removes_it(docker_host: str, tmp_p
             assert "supervisor" in logs.stdout
             # a changed file, reloaded into the running container
             changed = tmp_path / "changed.yaml"
-            changed.write_text(config.read_text() + "  - {model: openai/gpt-4.1, base_url: "
-                               f"'http://host.docker.internal:{primary.port}', access_key: $OPENAI_API_KEY}}\n")
+            changed.write_text(config.read_text().replace("tracing:", "  - {model: openai/gpt-4.1, base_url: "
+                               f"'http://host.docker.internal:{primary.port}', access_key: $OPENAI_API_KEY}}\ntracing:"))
             reloaded = run_cli(*home, "reload", "--docker", "--name", name, str(changed), env=env)
             assert "sidestep reloaded" in reloaded.stdout, reloaded.stdout + reloaded.stderr
             primary.script(WireReply(200))
