@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from controlplane import compiled as compiled_config
-from controlplane.config import LoadedConfig, parse_config
+from controlplane.config import Gateway, LoadedConfig, parse_config
 from controlplane.errors import StackError
 from controlplane.render.envoy import Sockets, file_xds, render_envoy, with_previous
 from controlplane.rundir import RunDir, StackInfo, write_private
@@ -188,7 +188,7 @@ def _xds_kinds(envoy: dict[str, Any]) -> list[str]:
     return [name.removesuffix(".json") for name in file_xds(envoy, "", "") if name != "envoy.json"]
 
 
-def _check_reloadable(running: Any, loaded: LoadedConfig) -> None:
+def _check_reloadable(running: Gateway, loaded: LoadedConfig) -> None:
     new = loaded.gateway
     changed = []
     if new.listener.repair_streams != running.listener.repair_streams:
@@ -197,6 +197,8 @@ def _check_reloadable(running: Any, loaded: LoadedConfig) -> None:
         changed.append("listeners[].max_request_body_bytes (the workers' message limit)")
     if new.shared_state != running.shared_state:
         changed.append("shared_state (the state service's store)")
+    if new.metrics != running.metrics:
+        changed.append("metrics.enabled (the metrics service)")
     if changed:
         raise StackError("a reload cannot change " + ", ".join(changed) + "; nothing was changed. "
                          "Restart with `sidestep up` to apply it.")
