@@ -322,6 +322,9 @@ def _local_replies(gateway: Gateway) -> dict[str, Any]:
                         "|| response.code_details == 'direct_response'"),
          "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                                   "content_type": "application/json"}},
+        # GET /healthz while healthy (the health check filter's 200), not an error
+        {"filter": _status_filter(200),
+         "body_format_override": {"json_format": {"status": "healthy"}, "content_type": "application/json"}},
     ]
     # (filter, the error, its status when Envoy's differs)
     ext_proc_failed = "response.code_details.startsWith('ext_proc_error')"

@@ -153,3 +153,8 @@ def test_metrics_on_a_port_of_their_own(make_stack, providers) -> None:
     assert elsewhere.status_code == 200 and "sidestep_state_service_up 1.0" in elsewhere.text
     assert httpx.get(f"http://127.0.0.1:{metrics_port}/v1/models").status_code == 404  # nothing else there
     assert httpx.get(stack.url + "/metrics").status_code == 404  # and not on the listener's port
+
+
+def test_healthz_says_healthy_in_json(stack: Stack) -> None:
+    response = httpx.get(stack.url + "/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "healthy"}
