@@ -3,6 +3,8 @@ after a failover, a block and a resting key; the live gauges; Envoy's own statis
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterator
 
@@ -158,3 +160,21 @@ def test_metrics_on_a_port_of_their_own(make_stack, providers) -> None:
 def test_healthz_says_healthy_in_json(stack: Stack) -> None:
     response = httpx.get(stack.url + "/healthz")
     assert response.status_code == 200 and response.json() == {"status": "healthy"}
+
+
+def test_the_metrics_service_yields_the_cpu(stack: Stack) -> None:
+    pid = stack.status()["processes"]["metrics"]["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 10  # gives way to Envoy and the workers
+    assert os.getpriority(os.PRIO_PROCESS, stack.status()["processes"]["extproc-0"]["pid"]) == 0
+
+
+def test_metrics_turned_off(make_stack, providers) -> None:
+    stack = make_stack("listeners: [{{type: model, port: {port}}}]\n"
+                       "metrics: {{enabled: false}}\n"
+                       "model_providers: [{{model: b/fallback, base_url: '{b}', access_key: sk-b-0123456789abcdef}}]\n",
+                       b=providers["b"].url)
+    assert stack.chat({"model": "b/fallback", "messages": []}).status_code == 200
+    assert httpx.get(stack.url + "/metrics").status_code == 404
+    assert "metrics" not in stack.status()["processes"]
+    envoy = json.loads((stack.home / "run" / "xds" / "lds.json").read_text())
+    assert "http_grpc" not in json.dumps(envoy)  # no access-log stream to pay for
