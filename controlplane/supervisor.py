@@ -175,14 +175,14 @@ class Supervisor:
 
     def _reload(self, signum: int) -> None:
         if signum == signal.SIGUSR1:
-            self._load_compiled()
+            self._children_reload()
             return
         from controlplane.deploy import reload
         from controlplane.errors import ConfigError, SidestepError
 
         log.info("SIGHUP: reloading the config the stack was started from")
         try:
-            plan, _ = reload(self.rundir, None, envoy_binary(), notify=self._load_compiled)
+            plan, _ = reload(self.rundir, None, envoy_binary(), notify=self._children_reload)
         except ConfigError as exc:
             log.error("reload refused, the running config keeps serving: invalid config:\n%s",
                       "\n".join(f"  ✗ {issue}" for issue in exc.issues))
@@ -191,7 +191,7 @@ class Supervisor:
         else:
             log.info("reloaded: config %s", plan.stack.config_hash)
 
-    def _load_compiled(self) -> None:
+    def _children_reload(self) -> None:
         """The state service first (it accepts workers with the new config), then the workers."""
         for child in self.children:
             if child.name == "state" or child.name.startswith("extproc-"):

@@ -62,10 +62,12 @@ class Replies:
         self.gateway = gateway
         self._extra_names = {name for t in gateway.targets.values() for name, _ in t.extra_headers}
         self.worker = header(api.WORKER_HEADER, worker)
-        self._static: dict[tuple[str, int], tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
+        # one reply shape per target and key of its pool; a target's route id changes with what it
+        # reaches, so a request from before a reload never takes a changed target's shape
+        self._static: dict[tuple[str, str, int], tuple[list[base_pb2.HeaderValueOption], list[str]]] = {}
         for target in gateway.targets.values():
-            for index in range(max(1, len(target.keys))):  # one reply shape per key of a pool
-                self._static[(target.key, index)] = self._shape(target, index)
+            for index in range(max(1, len(target.keys))):
+                self._static[(target.key, target.route_id, index)] = self._shape(target, index)
         self._delivered: dict[tuple[str, int, Body, bool, str | None], pb.ProcessingResponse] = {}
         self._retry_marks = {
             phase: self._retry_mark(phase) for phase in ("response_headers", "response_body")
@@ -92,9 +94,9 @@ class Replies:
                 client: str = "") -> pb.ProcessingResponse:
         """The reply that sends this attempt to `target` with key `key` and `body`: to the request body,
         or, for a request without one (`body` None), to its headers. `client`: the gateway key's name."""
-        shape = self._static.get((target.key, key))
-        if shape is None or shape[0][0].header.raw_value != target.route_id.encode():
-            shape = self._shape(target, key)  # a request from before a reload, to a target since changed
+        shape = self._static.get((target.key, target.route_id, key))
+        if shape is None:  # a request from before a reload, to a target since changed or removed
+            shape = self._shape(target, key)
         sets, removes = shape
         mutation = pb.HeaderMutation(set_headers=sets, remove_headers=removes)
         if target.passthrough_auth:  # restore the client's own credentials, whatever came before

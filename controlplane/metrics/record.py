@@ -74,11 +74,7 @@ def parse_ledger(text: str) -> list[Attempt]:
     return attempts
 
 
-@functools.lru_cache(maxsize=4096)
-def _route(method: str, path: str) -> str:
-    return route_of(method, path)
-
-
+@functools.lru_cache(maxsize=4096)  # one lookup per distinct path, not per request
 def route_of(method: str, path: str) -> str:
     """The served endpoint a request path belongs to (`/v1/models/{id}` for every model id), so
     labels stay few; "other" for anything sidestep does not serve."""
@@ -125,7 +121,7 @@ class Recorder:
         if entry.repair:
             child(self.repairs, "repaired" if entry.status < 400 else "failed").inc()
             return
-        route, model = _route(entry.method, entry.path), entry.model or "none"
+        route, model = route_of(entry.method, entry.path), entry.model or "none"
         child(self.requests, route, model, str(entry.status)).inc()
         if entry.duration is not None:
             child(self.duration, route, model).observe(entry.duration)

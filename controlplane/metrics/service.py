@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controlplane import internalapi as api
+from controlplane.deploy import admin_get
 from controlplane.metrics.record import Entry, Recorder, parse_ledger
 from controlplane.rundir import RunDir, StackInfo
 from controlplane.state.v1 import state_pb2 as pb
@@ -197,29 +198,8 @@ async def _snapshot(socket_path: str) -> pb.Snapshot | None:
 
 async def _envoy_stats(admin_socket: str) -> bytes:
     """Envoy's own statistics (only those in use), in Prometheus format, from its admin endpoint."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(admin_socket), 2)
-        writer.write(b"GET /stats/prometheus?usedonly HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-    except (OSError, TimeoutError):
-        return b"# Envoy's admin endpoint did not answer\n"
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return b""
-    return _dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body
-
-
-def _dechunk(body: bytes) -> bytes:
-    out, rest = [], body
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out.append(rest[:size])
-        rest = rest[size + 2:]
-    return b"".join(out)
+    stats = await asyncio.to_thread(admin_get, admin_socket, "/stats/prometheus?usedonly")
+    return stats.encode() if stats else b"# Envoy's admin endpoint did not answer\n"
 
 
 async def serve(rundir: RunDir, stack: StackInfo) -> None:

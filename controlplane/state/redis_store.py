@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.message import DecodeError
 from redis import asyncio as aioredis
@@ -150,7 +150,7 @@ class RedisStore:
         self.health.published += len(known)
         learned = self._learn(results[-1], offset)
         was = self.health.state
-        self.health = Health("connected", "", time.time(), self.health.published, self.health.learned)
+        self.health = replace(self.health, state="connected", detail="", since=time.time())
         if was == "unreachable":
             log.warning("shared store %s is back: resynced (%d facts sent, %d learned)",
                         self.spec.hint, len(known), len(learned))
@@ -223,7 +223,7 @@ class RedisStore:
         if self.health.state != "unreachable":
             log.warning("shared store %s unreachable (%s); serving with local state and retrying",
                         self.spec.hint, detail)
-            self.health = Health("unreachable", detail, time.time(), self.health.published, self.health.learned)
+            self.health = replace(self.health, state="unreachable", detail=detail, since=time.time())
 
 
 class _Resync(Exception):

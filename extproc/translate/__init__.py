@@ -20,7 +20,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TranslatedRequest", "Untranslatable", "check_keys", "compact_json"]
+__all__ = [
+    "StreamProgress",
+    "TranslatedRequest",
+    "Untranslatable",
+    "anthropic_status_type",
+    "as_int",
+    "as_obj",
+    "check_keys",
+    "compact_json",
+    "error_fields",
+    "require_list",
+    "require_str",
+]
 
 
 class Untranslatable(ValueError):
@@ -73,3 +85,86 @@ def check_keys(obj: Mapping[str, Any], path: str, allowed: Iterable[str]) -> Non
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def require_list(value: Any, path: str) -> list[Any]:
+    """`value` when it is a list, else Untranslatable at `path` (reading the client's request)."""
+    if not isinstance(value, list):
+        raise Untranslatable(path, "must be a list")
+    return value
+
+
+def require_str(value: Any, path: str) -> str:
+    """`value` when it is a string, else Untranslatable at `path` (reading the client's request)."""
+    if not isinstance(value, str):
+        raise Untranslatable(path, "must be a string")
+    return value
+
+
+def as_int(value: Any) -> int:
+    """An integer of a provider body, else 0: provider bodies are read tolerantly."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def as_obj(value: Any) -> dict[str, Any]:
+    """The value when it is a JSON object, else an empty one: provider bodies are read tolerantly."""
+    return value if isinstance(value, dict) else {}
+
+
+def _opt_str(value: Any) -> str | None:
+    """A scalar as text (OpenAI-compatible servers sometimes send a numeric code); None otherwise."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)
+
+
+def error_fields(obj: Any) -> tuple[str | None, str | None, str | None]:
+    """(type, code, message) of a parsed error body of either API, or of an in-stream error event;
+    None for each part it does not give. Tolerates the shapes simpler servers use: a list around
+    the error, `{"error": "message"}`, or the error object at the top level."""
+    if isinstance(obj, list) and obj:
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        return None, None, None
+    err = obj.get("error", obj)
+    if isinstance(err, str):
+        return None, None, err
+    if not isinstance(err, dict):
+        return None, None, None
+    return _opt_str(err.get("type")), _opt_str(err.get("code")), _opt_str(err.get("message"))
+
+
+# HTTP status -> Anthropic error type, for provider errors that do not say: the status is what the
+# Anthropic SDKs and clients key on. (sidestep's own errors: `controlplane.apierrors.anthropic_type`,
+# which calls a 503 of the gateway's an api_error, not a provider's overload.)
+_ANTHROPIC_STATUS_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def anthropic_status_type(status: int) -> str | None:
+    """The Anthropic error type of a provider's HTTP status, when the status alone says it."""
+    return _ANTHROPIC_STATUS_TYPES.get(status)
+
+
+class StreamProgress:
+    """What a stream translator has delivered to the client so far: the stream relay reads it to
+    repair a stream that breaks (`text_sent`, `tool_call_sent`, `content_started`, `finished`: the
+    provider's own end was seen, `error`: (type, message) of an in-stream provider error)."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._dead = False  # after an error event nothing more is forwarded
+        self.tool_call_sent = False
+        self.content_started = False
+        self.finished = False
+        self.error: tuple[str, str] | None = None
+
+    @property
+    def text_sent(self) -> str:
+        """All assistant text delivered to the client so far."""
+        if len(self._text) > 1:
+            self._text = ["".join(self._text)]
+        return self._text[0] if self._text else ""

@@ -17,7 +17,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from extproc.translate import TranslatedRequest, Untranslatable, check_keys, compact_json
+from extproc.translate import (
+    StreamProgress,
+    TranslatedRequest,
+    Untranslatable,
+    anthropic_status_type,
+    as_int,
+    as_obj,
+    check_keys,
+    compact_json,
+    error_fields,
+    require_list,
+    require_str,
+)
 from extproc.translate.sse import SSEParser, encode_event
 
 __all__ = [
@@ -70,14 +82,14 @@ def translate_request(
             out[key] = body[key]
     stops = body.get("stop_sequences")
     if stops:
-        out["stop"] = [_str(s, f"stop_sequences[{i}]") for i, s in enumerate(_list(stops, "stop_sequences"))]
+        out["stop"] = [require_str(s, f"stop_sequences[{i}]") for i, s in enumerate(require_list(stops, "stop_sequences"))]
     tools = body.get("tools")
     if tools:
-        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(_list(tools, "tools"))]
+        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(require_list(tools, "tools"))]
         out.update(_tool_choice(body.get("tool_choice")))
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and metadata.get("user_id"):
-        out["user"] = _str(metadata["user_id"], "metadata.user_id")
+        out["user"] = require_str(metadata["user_id"], "metadata.user_id")
     stream = body.get("stream") is True
     if stream:
         out["stream"] = True
@@ -115,18 +127,18 @@ def _system(system: Any) -> list[dict[str, Any]]:
     if isinstance(system, str):
         return [{"role": "system", "content": system}]
     parts = []
-    for i, block in enumerate(_list(system, "system")):
+    for i, block in enumerate(require_list(system, "system")):
         path = f"system[{i}]"
         if not isinstance(block, dict) or block.get("type") != "text":
             raise Untranslatable(f"{path}.type", "only text blocks can form an OpenAI system message")
         check_keys(block, path, {"type", "text", "cache_control", "citations"})
-        parts.append({"type": "text", "text": _str(block.get("text"), f"{path}.text")})
+        parts.append({"type": "text", "text": require_str(block.get("text"), f"{path}.text")})
     return [{"role": "system", "content": _collapse(parts)}]
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    msgs = _list(raw, "messages")
+    msgs = require_list(raw, "messages")
     for i, msg in enumerate(msgs):
         path = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -153,7 +165,7 @@ def _user(content: Any, path: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": content}]
     tools: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    for j, block in enumerate(_list(content, path)):
+    for j, block in enumerate(require_list(content, path)):
         bpath = f"{path}[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
@@ -171,19 +183,19 @@ def _user(content: Any, path: str) -> list[dict[str, Any]]:
 def _text(block: dict[str, Any], path: str) -> dict[str, Any]:
     # cache_control is a caching hint; citations on history text only annotate where it came from.
     check_keys(block, path, {"type", "text", "cache_control", "citations"})
-    return {"type": "text", "text": _str(block.get("text"), f"{path}.text")}
+    return {"type": "text", "text": require_str(block.get("text"), f"{path}.text")}
 
 
 def _image(block: dict[str, Any], path: str) -> dict[str, Any]:
     check_keys(block, path, {"type", "source", "cache_control"})
-    source = _obj(block.get("source"))
+    source = as_obj(block.get("source"))
     kind = source.get("type")
     if kind == "base64":
-        media_type = _str(source.get("media_type"), f"{path}.source.media_type")
-        data = _str(source.get("data"), f"{path}.source.data")
+        media_type = require_str(source.get("media_type"), f"{path}.source.media_type")
+        data = require_str(source.get("data"), f"{path}.source.data")
         return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
     if kind == "url":
-        return {"type": "image_url", "image_url": {"url": _str(source.get("url"), f"{path}.source.url")}}
+        return {"type": "image_url", "image_url": {"url": require_str(source.get("url"), f"{path}.source.url")}}
     raise Untranslatable(f"{path}.source.type", f"image source {kind!r} has no OpenAI equivalent")
 
 
@@ -197,13 +209,13 @@ def _tool_result(block: dict[str, Any], path: str) -> dict[str, Any]:
         text = content
     else:
         parts = []
-        for k, item in enumerate(_list(content, f"{path}.content")):
+        for k, item in enumerate(require_list(content, f"{path}.content")):
             ipath = f"{path}.content[{k}]"
             if not isinstance(item, dict) or item.get("type") != "text":
                 raise Untranslatable(f"{ipath}.type", "OpenAI tool results can hold text only")
             parts.append(_text(item, ipath))
         text = _collapse(parts) if parts else ""
-    call_id = _str(block.get("tool_use_id"), f"{path}.tool_use_id")
+    call_id = require_str(block.get("tool_use_id"), f"{path}.tool_use_id")
     return {"role": "tool", "tool_call_id": call_id, "content": text}
 
 
@@ -212,7 +224,7 @@ def _assistant(content: Any, path: str) -> dict[str, Any]:
         return {"role": "assistant", "content": content}
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(_list(content, path)):
+    for j, block in enumerate(require_list(content, path)):
         bpath = f"{path}[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
@@ -238,9 +250,9 @@ def _tool_call(block: dict[str, Any], path: str) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise Untranslatable(f"{path}.input", "must be an object")
     return {
-        "id": _str(block.get("id"), f"{path}.id"),
+        "id": require_str(block.get("id"), f"{path}.id"),
         "type": "function",
-        "function": {"name": _str(block.get("name"), f"{path}.name"), "arguments": compact_json(args)},
+        "function": {"name": require_str(block.get("name"), f"{path}.name"), "arguments": compact_json(args)},
     }
 
 
@@ -265,9 +277,9 @@ def _tool(tool: Any, path: str) -> dict[str, Any]:
     callers = tool.get("allowed_callers")
     if callers is not None and list(callers) != ["direct"]:
         raise Untranslatable(f"{path}.allowed_callers", "only direct calls exist on OpenAI")
-    fn: dict[str, Any] = {"name": _str(tool.get("name"), f"{path}.name")}
+    fn: dict[str, Any] = {"name": require_str(tool.get("name"), f"{path}.name")}
     if tool.get("description") is not None:
-        fn["description"] = _str(tool["description"], f"{path}.description")
+        fn["description"] = require_str(tool["description"], f"{path}.description")
     fn["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
     if tool.get("strict") is not None:
         fn["strict"] = bool(tool["strict"])
@@ -293,23 +305,11 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     elif kind == "any":
         out = {"tool_choice": "required"}
     else:
-        name = _str(choice.get("name"), "tool_choice.name")
+        name = require_str(choice.get("name"), "tool_choice.name")
         out = {"tool_choice": {"type": "function", "function": {"name": name}}}
     if choice.get("disable_parallel_tool_use") is True:
         out["parallel_tool_calls"] = False
     return out
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise Untranslatable(path, "must be a list")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise Untranslatable(path, "must be a string")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- response
@@ -330,23 +330,14 @@ def _stop_reason(finish: Any) -> str:
 
 def _usage(raw: Any) -> dict[str, int]:
     """OpenAI usage -> Anthropic usage: prompt_tokens includes cached tokens, input_tokens does not."""
-    usage = _obj(raw)
-    cached = _int(_obj(usage.get("prompt_tokens_details")).get("cached_tokens"))
+    usage = as_obj(raw)
+    cached = as_int(as_obj(usage.get("prompt_tokens_details")).get("cached_tokens"))
     return {
-        "input_tokens": max(_int(usage.get("prompt_tokens")) - cached, 0),
-        "output_tokens": _int(usage.get("completion_tokens")),
+        "input_tokens": max(as_int(usage.get("prompt_tokens")) - cached, 0),
+        "output_tokens": as_int(usage.get("completion_tokens")),
         "cache_creation_input_tokens": 0,  # OpenAI caches implicitly: no tokens are billed as cache writes
         "cache_read_input_tokens": cached,
     }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    """The value when it is a JSON object, else an empty one: provider bodies are read tolerantly."""
-    return value if isinstance(value, dict) else {}
 
 
 def _parse_arguments(arguments: Any, path: str) -> dict[str, Any]:
@@ -377,7 +368,7 @@ def translate_response(body: bytes, *, model: str, created: int) -> bytes:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise Untranslatable("choices", "provider response has no choice")
     choice = choices[0]
-    message = _obj(choice.get("message"))
+    message = as_obj(choice.get("message"))
     content: list[dict[str, Any]] = []
     text = message.get("content")
     if isinstance(text, list):  # some OpenAI-compatible servers answer with parts
@@ -389,11 +380,11 @@ def translate_response(body: bytes, *, model: str, created: int) -> bytes:
         content.append({"type": "text", "text": refusal})  # the refusal is what the model said
     calls = message.get("tool_calls")
     for k, call in enumerate(calls if isinstance(calls, list) else []):
-        fn = _obj(_obj(call).get("function"))
+        fn = as_obj(as_obj(call).get("function"))
         path = f"choices[0].message.tool_calls[{k}]"
         content.append({
             "type": "tool_use",
-            "id": _obj(call).get("id") or f"toolu_{k}",
+            "id": as_obj(call).get("id") or f"toolu_{k}",
             "name": fn.get("name") or "",
             "input": _parse_arguments(fn.get("arguments"), f"{path}.function.arguments"),
         })
@@ -414,7 +405,7 @@ def translate_response(body: bytes, *, model: str, created: int) -> bytes:
 # ---------------------------------------------------------------------------------------------- stream
 
 
-class StreamTranslator:
+class StreamTranslator(StreamProgress):
     """OpenAI chat.completion.chunk SSE -> Anthropic Messages SSE, event by event as bytes arrive.
 
     OpenAI reports usage only in a chunk after the finish_reason, so message_delta waits for that chunk
@@ -427,6 +418,7 @@ class StreamTranslator:
     def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
         # include_usage is accepted for symmetry: an Anthropic stream always carries usage.
         del include_usage
+        super().__init__()
         self._parser = SSEParser()
         self._model = model
         self._created = created
@@ -438,19 +430,6 @@ class StreamTranslator:
         self._stop_reason: str | None = None
         self._usage: dict[str, int] | None = None
         self._delta_sent = False
-        self._text: list[str] = []
-        self._dead = False  # after an error event nothing more is forwarded
-        self.tool_call_sent = False
-        self.content_started = False
-        self.finished = False
-        self.error: tuple[str, str] | None = None
-
-    @property
-    def text_sent(self) -> str:
-        """All assistant text delivered to the client so far."""
-        if len(self._text) > 1:
-            self._text = ["".join(self._text)]
-        return self._text[0] if self._text else ""
 
     def feed(self, chunk: bytes) -> bytes:
         """Provider bytes in (any split), client SSE bytes out (b"" when nothing is complete yet)."""
@@ -476,7 +455,7 @@ class StreamTranslator:
             # Forwarding around a garbled event could silently lose part of the answer: stop here instead.
             return self._fail("api_error", "provider sent an unparsable stream event")
         if obj.get("error") is not None:
-            kind, code, message = _error_fields(obj)
+            kind, code, message = error_fields(obj)
             return self._fail(kind or "api_error", message or "", code)
         out = self._start(obj.get("id"))
         choices = obj.get("choices")
@@ -509,7 +488,7 @@ class StreamTranslator:
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         out = b""
-        delta = _obj(choice.get("delta"))
+        delta = as_obj(choice.get("delta"))
         for key in ("content", "refusal"):  # a streamed refusal is shown as the text the model said
             text = delta.get(key)
             if isinstance(text, str) and text:
@@ -537,8 +516,8 @@ class StreamTranslator:
 
     def _tool_delta(self, call: dict[str, Any]) -> bytes:
         out = b""
-        position = _int(call.get("index"))
-        fn = _obj(call.get("function"))
+        position = as_int(call.get("index"))
+        fn = as_obj(call.get("function"))
         block = self._tool_blocks.get(position)
         if block is None:
             # A new call; the id is synthesized only for providers that omit it (tool_use needs one).
@@ -597,12 +576,6 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
 
 # ---------------------------------------------------------------------------------------------- errors
 
-# HTTP status -> Anthropic error type: the status is what the Anthropic SDKs and clients key on.
-_STATUS_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
-}
 # OpenAI error type or code -> Anthropic error type, for errors without a status (in-stream) or an odd one.
 _CODE_TYPES = {
     "rate_limit_exceeded": "rate_limit_error", "requests": "rate_limit_error", "tokens": "rate_limit_error",
@@ -616,33 +589,15 @@ _CODE_TYPES = {
 
 
 def _anthropic_type(status: int | None, kind: str | None, code: str | None) -> str:
-    if status is not None and status in _STATUS_TYPES:
-        return _STATUS_TYPES[status]
+    by_status = anthropic_status_type(status) if status is not None else None
+    if by_status is not None:
+        return by_status
     for key in (code, kind):
         if key in _CODE_TYPES:
             return _CODE_TYPES[key]
     if status is not None and 400 <= status < 500:
         return "invalid_request_error"
     return "api_error"
-
-
-def _error_fields(obj: Any) -> tuple[str | None, str | None, str | None]:
-    if isinstance(obj, list) and obj:
-        obj = obj[0]  # some OpenAI-compatible servers wrap the error in a list
-    if not isinstance(obj, dict):
-        return None, None, None
-    err = obj.get("error", obj)
-    if isinstance(err, str):
-        return None, None, err  # {"error": "message"} from simpler servers
-    if not isinstance(err, dict):
-        return None, None, None
-    return _opt_str(err.get("type")), _opt_str(err.get("code")), _opt_str(err.get("message"))
-
-
-def _opt_str(value: Any) -> str | None:
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    return str(value)  # OpenAI-compatible servers sometimes send a numeric code
 
 
 def provider_error(body: bytes) -> tuple[str | None, str | None, str | None]:
@@ -654,7 +609,7 @@ def provider_error(body: bytes) -> tuple[str | None, str | None, str | None]:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None, None, None
-    return _error_fields(obj)
+    return error_fields(obj)
 
 
 def translate_error(status: int, body: bytes) -> bytes:

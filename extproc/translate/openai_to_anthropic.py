@@ -17,7 +17,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from extproc.translate import TranslatedRequest, Untranslatable, check_keys, compact_json
+from extproc.translate import (
+    StreamProgress,
+    TranslatedRequest,
+    Untranslatable,
+    anthropic_status_type,
+    as_int,
+    as_obj,
+    check_keys,
+    compact_json,
+    error_fields,
+    require_list,
+    require_str,
+)
 from extproc.translate.sse import SSEParser
 
 __all__ = [
@@ -69,14 +81,14 @@ def translate_request(
     _sampling(body, out)
     tools = body.get("tools")
     if tools:
-        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(_list(tools, "tools"))]
+        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(require_list(tools, "tools"))]
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None:
             out["tool_choice"] = choice
     # safety_identifier is OpenAI's newer name for the end-user id; Anthropic uses it for abuse detection too.
     user_key = "safety_identifier" if body.get("safety_identifier") else "user"
     if body.get(user_key):
-        out["metadata"] = {"user_id": _str(body[user_key], user_key)}
+        out["metadata"] = {"user_id": require_str(body[user_key], user_key)}
     stream = body.get("stream") is True
     if stream:
         out["stream"] = True
@@ -136,7 +148,7 @@ def _sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]
     elif stop:
-        out["stop_sequences"] = [_str(s, f"stop[{i}]") for i, s in enumerate(_list(stop, "stop"))]
+        out["stop_sequences"] = [require_str(s, f"stop[{i}]") for i, s in enumerate(require_list(stop, "stop"))]
 
 
 def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
@@ -144,7 +156,7 @@ def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[st
     system: list[str] = []
     turns: list[tuple[str, list[dict[str, Any]]]] = []
     last_turn = ""  # path of the last message that reaches Anthropic, for the prefill error
-    for i, msg in enumerate(_list(raw, "messages")):
+    for i, msg in enumerate(require_list(raw, "messages")):
         path = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise Untranslatable(path, "must be an object")
@@ -207,12 +219,12 @@ def _text_parts(content: Any, path: str) -> list[str]:
     if isinstance(content, str):
         return [content] if content else []
     texts = []
-    for j, part in enumerate(_list(content, path)):
+    for j, part in enumerate(require_list(content, path)):
         ppath = f"{path}[{j}]"
         if not isinstance(part, dict) or part.get("type") != "text":
             raise Untranslatable(f"{ppath}.type", "only text parts are allowed here")
         check_keys(part, ppath, {"type", "text", "prompt_cache_breakpoint"})
-        text = _str(part.get("text"), f"{ppath}.text")
+        text = require_str(part.get("text"), f"{ppath}.text")
         if text:
             texts.append(text)
     return texts
@@ -223,12 +235,12 @@ def _user_blocks(content: Any, path: str) -> list[dict[str, Any]]:
         # Anthropic rejects empty text blocks; an empty user turn carries nothing and is dropped.
         return [{"type": "text", "text": content}] if content else []
     blocks: list[dict[str, Any]] = []
-    for j, part in enumerate(_list(content, path)):
+    for j, part in enumerate(require_list(content, path)):
         ppath = f"{path}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             check_keys(part, ppath, {"type", "text", "prompt_cache_breakpoint"})
-            text = _str(part.get("text"), f"{ppath}.text")
+            text = require_str(part.get("text"), f"{ppath}.text")
             if text:
                 blocks.append({"type": "text", "text": text})
         elif kind == "image_url":
@@ -244,7 +256,7 @@ def _image(image: Any, path: str) -> dict[str, Any]:
     if not isinstance(image, dict):
         raise Untranslatable(path, "must be an object with a url")
     check_keys(image, path, {"url", "detail"})
-    url = _str(image.get("url"), f"{path}.url")
+    url = require_str(image.get("url"), f"{path}.url")
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     if not url.startswith("data:"):
@@ -267,20 +279,20 @@ def _assistant_blocks(msg: dict[str, Any], path: str) -> list[dict[str, Any]]:
         if content:
             blocks.append({"type": "text", "text": content})
     elif content is not None:
-        for j, part in enumerate(_list(content, f"{path}.content")):
+        for j, part in enumerate(require_list(content, f"{path}.content")):
             ppath = f"{path}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind not in ("text", "refusal"):
                 raise Untranslatable(f"{ppath}.type", "assistant content parts must be text or refusal")
             check_keys(part, ppath, {"type", kind, "prompt_cache_breakpoint"})
-            text = _str(part.get(kind), f"{ppath}.{kind}")
+            text = require_str(part.get(kind), f"{ppath}.{kind}")
             if text:
                 blocks.append({"type": "text", "text": text})
     refusal = msg.get("refusal")
     if refusal:
         # A past refusal is what the assistant said; Anthropic has no refusal field in history.
-        blocks.append({"type": "text", "text": _str(refusal, f"{path}.refusal")})
-    for k, call in enumerate(_list(msg.get("tool_calls") or [], f"{path}.tool_calls")):
+        blocks.append({"type": "text", "text": require_str(refusal, f"{path}.refusal")})
+    for k, call in enumerate(require_list(msg.get("tool_calls") or [], f"{path}.tool_calls")):
         blocks.append(_tool_use(call, f"{path}.tool_calls[{k}]"))
     return blocks
 
@@ -294,7 +306,7 @@ def _tool_use(call: Any, path: str) -> dict[str, Any]:
         raise Untranslatable(f"{path}.function", "must be an object")
     check_keys(fn, f"{path}.function", {"name", "arguments"})
     args = fn.get("arguments")
-    args = "" if args is None else _str(args, f"{path}.function.arguments")
+    args = "" if args is None else require_str(args, f"{path}.function.arguments")
     try:
         # An empty string is how some clients record a call without arguments.
         parsed = json.loads(args) if args.strip() else {}
@@ -304,14 +316,14 @@ def _tool_use(call: Any, path: str) -> dict[str, Any]:
         raise Untranslatable(f"{path}.function.arguments", "must be a JSON object for Anthropic")
     return {
         "type": "tool_use",
-        "id": _str(call.get("id"), f"{path}.id"),
-        "name": _str(fn.get("name"), f"{path}.function.name"),
+        "id": require_str(call.get("id"), f"{path}.id"),
+        "name": require_str(fn.get("name"), f"{path}.function.name"),
         "input": parsed,
     }
 
 
 def _tool_result(msg: dict[str, Any], path: str) -> dict[str, Any]:
-    call_id = _str(msg.get("tool_call_id"), f"{path}.tool_call_id")
+    call_id = require_str(msg.get("tool_call_id"), f"{path}.tool_call_id")
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
     content = msg.get("content")
     if isinstance(content, str):
@@ -333,9 +345,9 @@ def _tool(tool: Any, path: str) -> dict[str, Any]:
         raise Untranslatable(f"{path}.function", "must be an object")
     # "strict" is dropped: the schema still goes to Anthropic, which follows it without constrained decoding.
     check_keys(fn, f"{path}.function", {"name", "description", "parameters", "strict"})
-    out: dict[str, Any] = {"name": _str(fn.get("name"), f"{path}.function.name")}
+    out: dict[str, Any] = {"name": require_str(fn.get("name"), f"{path}.function.name")}
     if fn.get("description") is not None:
-        out["description"] = _str(fn["description"], f"{path}.function.description")
+        out["description"] = require_str(fn["description"], f"{path}.function.description")
     # OpenAI allows a function without parameters; Anthropic requires an object schema.
     out["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
     return out
@@ -355,25 +367,13 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
         check_keys(choice, "tool_choice", {"type", "function"})
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
-        out = {"type": "tool", "name": _str(name, "tool_choice.function.name")}
+        out = {"type": "tool", "name": require_str(name, "tool_choice.function.name")}
     else:
         raise Untranslatable("tool_choice", "only auto, none, required and a named function are translated")
     if parallel is False:
         out = out or {"type": "auto"}
         out["disable_parallel_tool_use"] = True
     return out
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise Untranslatable(path, "must be a list")
-    return value
-
-
-def _str(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise Untranslatable(path, "must be a string")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- response
@@ -396,26 +396,17 @@ def _finish_reason(stop_reason: Any) -> str:
 def _usage(raw: Any) -> dict[str, Any]:
     """Anthropic usage -> OpenAI usage: input_tokens excludes cached tokens, prompt_tokens includes them."""
     usage = raw if isinstance(raw, dict) else {}
-    uncached = _int(usage.get("input_tokens"))
-    cache_read = _int(usage.get("cache_read_input_tokens"))
-    cache_write = _int(usage.get("cache_creation_input_tokens"))
+    uncached = as_int(usage.get("input_tokens"))
+    cache_read = as_int(usage.get("cache_read_input_tokens"))
+    cache_write = as_int(usage.get("cache_creation_input_tokens"))
     prompt = uncached + cache_read + cache_write
-    completion = _int(usage.get("output_tokens"))
+    completion = as_int(usage.get("output_tokens"))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cache_read},
     }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    """The value when it is a JSON object, else an empty one: provider bodies are read tolerantly."""
-    return value if isinstance(value, dict) else {}
 
 
 def translate_response(body: bytes, *, model: str, created: int) -> bytes:
@@ -471,7 +462,7 @@ def translate_response(body: bytes, *, model: str, created: int) -> bytes:
 # ---------------------------------------------------------------------------------------------- stream
 
 
-class StreamTranslator:
+class StreamTranslator(StreamProgress):
     """Anthropic Messages SSE -> OpenAI chat.completion.chunk SSE, event by event as bytes arrive.
 
     Read-only progress for stream recovery: ``text_sent``, ``tool_call_sent``, ``content_started``,
@@ -481,6 +472,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
+        super().__init__()
         self._parser = SSEParser()
         self._model = model
         self._created = created
@@ -491,19 +483,6 @@ class StreamTranslator:
         self._started = False
         self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool_calls index
         self._usage: dict[str, Any] = {}
-        self._text: list[str] = []
-        self._dead = False  # after an error event nothing more is forwarded
-        self.tool_call_sent = False
-        self.content_started = False
-        self.finished = False
-        self.error: tuple[str, str] | None = None
-
-    @property
-    def text_sent(self) -> str:
-        """All assistant text delivered to the client so far."""
-        if len(self._text) > 1:
-            self._text = ["".join(self._text)]
-        return self._text[0] if self._text else ""
 
     def feed(self, chunk: bytes) -> bytes:
         """Provider bytes in (any split), client SSE bytes out (b"" when nothing is complete yet)."""
@@ -540,13 +519,13 @@ class StreamTranslator:
             self.finished = True
             return b"data: [DONE]\n\n"
         if kind == "error":
-            err = _obj(obj.get("error"))
+            err = as_obj(obj.get("error"))
             return self._fail(str(err.get("type") or "api_error"), str(err.get("message") or ""))
         return b""  # ping, content_block_stop and event types added later carry nothing for the client
 
     def _message_start(self, obj: dict[str, Any]) -> bytes:
-        message = _obj(obj.get("message"))
-        self._usage.update({k: v for k, v in _obj(message.get("usage")).items() if v is not None})
+        message = as_obj(obj.get("message"))
+        self._usage.update({k: v for k, v in as_obj(message.get("usage")).items() if v is not None})
         return self._ensure_started(message.get("id"))
 
     def _ensure_started(self, msg_id: Any = None) -> bytes:
@@ -573,7 +552,7 @@ class StreamTranslator:
         if block.get("type") != "tool_use":
             return out  # thinking and server-tool blocks are never requested; nothing to show
         index = len(self._tool_index)
-        self._tool_index[_int(obj.get("index"))] = index
+        self._tool_index[as_int(obj.get("index"))] = index
         start = block.get("input")
         args = compact_json(start) if start else ""  # the real API starts with {} and streams the input
         self.tool_call_sent = self.content_started = True
@@ -591,7 +570,7 @@ class StreamTranslator:
             return self._ensure_started() + self._text_delta(text) if isinstance(text, str) and text else b""
         if kind == "input_json_delta":
             fragment = delta.get("partial_json")
-            index = self._tool_index.get(_int(obj.get("index")))
+            index = self._tool_index.get(as_int(obj.get("index")))
             if not fragment or index is None:
                 return b""  # the API opens every tool input with an empty fragment
             self.tool_call_sent = self.content_started = True
@@ -606,8 +585,8 @@ class StreamTranslator:
     def _message_delta(self, obj: dict[str, Any]) -> bytes:
         out = self._ensure_started()
         # message_delta usage is cumulative; its counts replace those of message_start.
-        self._usage.update({k: v for k, v in _obj(obj.get("usage")).items() if v is not None})
-        delta = _obj(obj.get("delta"))
+        self._usage.update({k: v for k, v in as_obj(obj.get("usage")).items() if v is not None})
+        delta = as_obj(obj.get("delta"))
         reason = _finish_reason(delta.get("stop_reason"))
         choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
         finish: dict[str, Any] = {**self._head, "choices": [choice]}
@@ -641,16 +620,9 @@ _ERROR_TYPES: dict[str, tuple[str, str | None]] = {
     "overloaded_error": ("server_error", "overloaded"),
     "timeout_error": ("server_error", "timeout"),
 }
-# HTTP status -> Anthropic error type, for bodies that do not say (or are not JSON at all).
-_STATUS_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
-}
-
-
 def _status_type(status: int) -> str:
-    return _STATUS_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    """The Anthropic error type a body that does not say (or is not JSON at all) means, by its status."""
+    return anthropic_status_type(status) or ("api_error" if status >= 500 else "invalid_request_error")
 
 
 def _openai_error(kind: str | None, status: int | None, message: str) -> dict[str, Any]:
@@ -670,22 +642,7 @@ def provider_error(body: bytes) -> tuple[str | None, str | None, str | None]:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None, None, None
-    if isinstance(obj, list) and obj:
-        obj = obj[0]
-    if not isinstance(obj, dict):
-        return None, None, None
-    err = obj.get("error", obj)
-    if isinstance(err, str):
-        return None, None, err
-    if not isinstance(err, dict):
-        return None, None, None
-    return _opt_str(err.get("type")), _opt_str(err.get("code")), _opt_str(err.get("message"))
-
-
-def _opt_str(value: Any) -> str | None:
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    return str(value)
+    return error_fields(obj)
 
 
 def translate_error(status: int, body: bytes) -> bytes:

@@ -22,8 +22,7 @@ import openai
 import pytest
 
 from controlplane.rundir import free_port
-from tests.e2e.conftest import run_cli
-from tests.e2e.test_shared_state import wait_for
+from tests.e2e.conftest import run_cli, wait_for
 from tests.mockprovider import MockProvider, Reply
 from tests.wiremock import AnthropicMessagesMock, OpenAIChatMock
 from tests.wiremock import Reply as WireReply

@@ -13,8 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.rundir import free_port
-from tests.e2e.conftest import Stack, stack_for
-from tests.e2e.test_shared_state import wait_for
+from tests.e2e.conftest import Stack, stack_for, wait_for
 from tests.mockprovider import MockProvider, Reply
 
 pytestmark = pytest.mark.e2e

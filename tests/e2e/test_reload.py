@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from controlplane.rundir import free_port
-from tests.e2e.conftest import Stack, start_stack
-from tests.e2e.test_shared_state import wait_for
+from tests.e2e.conftest import Stack, start_stack, wait_for
 from tests.mockprovider import MockProvider, Reply
 
 pytestmark = pytest.mark.e2e

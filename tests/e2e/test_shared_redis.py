@@ -20,8 +20,8 @@ import pytest
 from controlplane.rundir import free_port
 from controlplane.state.v1 import state_pb2 as pb
 from controlplane.state.v1 import state_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Stack, start_stack
-from tests.e2e.test_shared_state import ask, keys_seen, wait_for
+from tests.e2e.conftest import Stack, start_stack, wait_for
+from tests.e2e.test_shared_state import ask, keys_seen
 from tests.mockprovider import MockProvider, Reply
 from tests.redisserver import RedisServer
 

@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from controlplane.rundir import free_port
-from tests.e2e.conftest import Stack, start_stack
+from tests.e2e.conftest import Stack, start_stack, wait_for
 from tests.mockprovider import MockProvider, Reply
 
 pytestmark = pytest.mark.e2e
@@ -73,14 +73,6 @@ def stack(providers: dict[str, MockProvider], tmp_path_factory: pytest.TempPathF
     yield stack
     stack.client.close()
     stack.sidestep("down", check=False)
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def ask(stack: Stack, model: str, **extra: object) -> httpx.Response:

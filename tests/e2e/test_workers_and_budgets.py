@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.test_shared_state import ask, wait_for
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_shared_state import ask
 from tests.mockprovider import Reply
 
 pytestmark = pytest.mark.e2e
